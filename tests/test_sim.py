@@ -1,0 +1,160 @@
+"""The world: projection, rendering, recolouring, instructions, experts, phases."""
+import warnings
+
+import mujoco
+import numpy as np
+import pytest
+
+import sim
+
+
+@pytest.fixture(scope="module")
+def world():
+    w = sim.World("push", image_size=64)
+    w.seed(3)
+    yield w
+    w.close()
+
+
+def test_camera_pose_is_the_one_mujoco_renders_with(world):
+    world.render()
+    cams = world.renderer.scene.camera  # the two stereo eyes; mono renders their average
+    gl = mujoco.mjv_averageCamera(cams[0], cams[1])
+    pos, fwd, up = sim.camera_pose(world.camera)
+    np.testing.assert_allclose(gl.pos, pos, atol=1e-5)
+    np.testing.assert_allclose(gl.forward, fwd, atol=1e-5)
+    np.testing.assert_allclose(gl.up, up, atol=1e-5)
+
+
+@pytest.mark.parametrize("xyz", [(0.0, 0.7, 0.1), (-0.15, 0.85, 0.05), (0.12, 0.55, 0.25)])
+def test_marker_lands_on_the_projected_pixel(world, xyz):
+    """Render a small bright sphere at a known point; its pixels centre on project(xyz)."""
+    world.render()  # places the free camera
+    world.renderer.update_scene(world.data, world.free_cam, world.option)
+    before = world.renderer.render().astype(int)
+    g = world.renderer.scene.geoms[world.renderer.scene.ngeom]
+    mujoco.mjv_initGeom(g, mujoco.mjtGeom.mjGEOM_SPHERE, np.array([0.012, 0, 0]), np.array(xyz),
+                        np.eye(3).ravel(), np.array([1, 0, 1, 1], dtype=np.float32))
+    world.renderer.scene.ngeom += 1
+    after = world.renderer.render().astype(int)
+    v, u = np.nonzero(np.abs(after - before).sum(-1) > 60)
+    assert len(u) > 0, "the marker is not in the image"
+    centre = np.array([u.mean() + 0.5, v.mean() + 0.5])  # pixel i covers [i, i+1)
+    np.testing.assert_allclose(centre, world.project(np.array(xyz)), atol=0.5)  # measured <= 0.16
+
+
+def test_projection_of_a_jittered_camera_matches_its_render():
+    w = sim.World("reach", variation=sim.Variation(camera_jitter=6.0))
+    try:
+        w.seed(11)
+        assert w.camera != sim.Camera()  # the jitter moved the camera
+        w.render()
+        gl = mujoco.mjv_averageCamera(w.renderer.scene.camera[0], w.renderer.scene.camera[1])
+        np.testing.assert_allclose(gl.pos, sim.camera_pose(w.camera)[0], atol=1e-5)
+    finally:
+        w.close()
+
+
+def test_goal_marker_is_drawn_where_the_goal_projects(world):
+    img = world.render()
+    u, v = world.project(world.goal()).astype(int)
+    r, g, b = img[v, u].astype(int)
+    assert g > 150 and g > r + 60 and g > b + 60, f"no green marker at the goal: {img[v, u]}"
+
+
+def test_recolouring_is_flat_and_visible():
+    w = sim.World("push", variation=sim.Variation(object_color="0,0,255", table_color="white"))
+    try:
+        w.seed(3)
+        assert (w.model.geom_matid[w.object_geoms[0]] == -1).all()
+        img = w.render()
+        u, v = w.project(w.objects()[0]).astype(int)
+        r, g, b = img[v, u].astype(int)
+        assert b > 100 and b > r + 50 and b > g + 50, img[v, u]
+    finally:
+        w.close()
+
+
+def test_seeds_give_new_layouts_and_repeat_exactly():
+    w = sim.World("pick-place")
+
+    def layout(seed):
+        w.seed(seed)
+        return np.concatenate([w.objects()[0], w.goal()])
+    try:
+        layouts = [layout(s) for s in (1, 2, 1)]
+    finally:
+        w.close()
+    assert not np.allclose(layouts[0], layouts[1])
+    np.testing.assert_array_equal(layouts[0], layouts[2])
+
+
+def test_image_sizes_and_wrist_view():
+    for size in (84, 96, 128):
+        w = sim.World("reach", image_size=size, wrist=size == 96)
+        try:
+            out = w.render()
+            images = out if isinstance(out, tuple) else (out,)
+            assert all(im.shape == (size, size, 3) and im.dtype == np.uint8 for im in images)
+            assert len(images) == (2 if size == 96 else 1)
+        finally:
+            w.close()
+
+
+def test_every_task_has_instructions_and_a_working_expert():
+    """All 50 tasks: instruction splits and a scripted success on one of the first seeds."""
+    assert len(sim.TASKS) == 50
+    failed = []
+    for task in sim.TASKS:
+        tr, ho = sim.instructions(task, "red", "train"), sim.instructions(task, "red", "heldout")
+        assert len(tr) == 3 and len(ho) == 1 and not set(tr) & set(ho)
+        assert all(t and "{" not in t for t in tr + ho)
+        w = sim.World(task, image_size=16)
+        try:
+            ok = False
+            for seed in range(3):
+                w.seed(seed)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    ok = any(w.step(w.expert_action()) for _ in range(500))
+                if ok:
+                    break
+        finally:
+            w.close()
+        if not ok:
+            failed.append(task)
+    assert not failed, f"experts failed on seeds 0-2: {failed}"
+
+
+def test_colour_words_go_into_instructions():
+    assert sim.instructions("push", "blue")[0] == "push the blue puck to the goal"
+    assert sim.parse_color("250,10,10")[0] == "red"
+    assert sim.parse_color("0.1,0.3,0.9") == ("blue", (0.1, 0.3, 0.9))
+
+
+def test_bad_task_and_colour_name_the_fix():
+    with pytest.raises(ValueError, match="valid tasks: assembly"):
+        sim.check_task("pussh")
+    assert sim.check_task("push-v3") == "push"
+    with pytest.raises(ValueError, match="use a name"):
+        sim.parse_color("blurple")
+
+
+def test_phase_labels_follow_a_pick_and_place():
+    """A synthetic pick-and-place: approach, close on the object, lift, carry, release."""
+    T = 40
+    obj = np.zeros((T, 3))
+    hand = np.zeros((T, 3))
+    hand[:10, 2] = np.linspace(0.3, 0.0, 10)  # approach from above
+    grip = np.r_[-np.ones(10), np.ones(25), -np.ones(5)]
+    contact = np.r_[np.zeros(10), 2 * np.ones(25), np.zeros(5)].astype(int)
+    obj[15:25, 2] = np.linspace(0.0, 0.2, 10)  # lift
+    obj[25:, 2] = 0.2
+    obj[25:35, 1] = np.linspace(0.0, 0.2, 10)  # carry
+    obj[35:, 1] = 0.2
+    hand[10:] = obj[10:]
+    success = np.r_[np.zeros(38), np.ones(2)].astype(bool)
+    p = sim.label_phases(hand, grip, obj, contact, success, "pick-place")
+    assert p[0] == "approach" and p[11] == "grasp" and p[20] == "lift" and p[30] == "move to goal"
+    assert p[36] == "release" and p[39] == "done"
+    assert set(sim.label_phases(hand, grip, obj, contact, success, "reach")) == {"move to goal", "done"}
