@@ -1,0 +1,489 @@
+"""Demonstrations -> dataset on disk; ETC records from the same trajectories; the sampler that
+mixes ETC and action batches on a schedule; prompt formatting and collation.
+
+    python data.py collect --tasks reach push --episodes 30 --out data/source
+    python data.py etc --data data/source          # -> data/source/etc.jsonl
+
+On disk: data/<name>/meta.json, data/<name>/<task>/<array>.npy (one row per frame; loaded
+memory-mapped) and data/<name>/etc.jsonl (one question/answer per line, frame references).
+A dataset collected with --no-actions (novel scenes for OOD ETC) stores no action labels.
+"""
+import json
+import math
+import multiprocessing as mp
+import shutil
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+from tqdm import tqdm
+
+import sim
+
+FORMAT_VERSION = 1
+LEVELS = ("scene", "task", "planning")  # the paper's three ETC levels
+ARRAYS = ("images", "proprio", "episode", "step", "hand", "objects", "goal", "hand_px",
+          "objects_px", "goal_px", "objects_box", "hand_box", "phase", "success", "contact", "grip", "camera")
+PHASES = ("approach", "grasp", "lift", "move to goal", "release", "push", "pull", "done")
+
+
+class DataError(ValueError):
+    """Bad input the user can fix; the CLIs print it as one line and exit non-zero."""
+
+
+# ----------------------------------------------------------------------------------------
+# Collection
+@dataclass
+class Collect:
+    tasks: tuple[str, ...] = ("reach", "push", "drawer-open", "button-press-topdown")  # task names
+    episodes: int = 30  # successful demonstrations per task
+    out: str = "data/source"  # dataset folder
+    image_size: int = 64  # rendered square images, in pixels
+    variation: sim.Variation = field(default_factory=sim.Variation)  # colours and camera jitter
+    wrist: bool = False  # also store the wrist camera view
+    actions: bool = True  # --no-actions: an ETC-only dataset (novel scenes, no action labels)
+    max_steps: int = 300  # give up on an episode after this many steps
+    post_success: int = 8  # frames kept after the first success, so 'done' is seen
+    workers: int = 2  # processes, one World each; results do not depend on this
+    seed: int = 0  # fixes every layout, hence the whole dataset
+    overwrite: bool = False  # replace an existing dataset at --out
+
+
+def episode_seed(seed: int, task: str, k: int) -> int:
+    """Attempt k of a task: a layout seed independent of worker count and of other tasks."""
+    return int(np.random.SeedSequence([seed, sim.TASKS.index(task), k]).generate_state(1)[0])
+
+
+_WORLDS: dict = {}  # per process: the World of the current task, reused across episodes
+
+
+def run_episode(job: tuple) -> dict | None:
+    """One scripted episode; its per-frame arrays, or None if the expert failed."""
+    task, seed, size, variation, wrist, max_steps, post_success = job
+    key = (task, size, variation, wrist)
+    if key not in _WORLDS:
+        for w in _WORLDS.values():
+            w.close()
+        _WORLDS.clear()
+        _WORLDS[key] = sim.World(task, size, variation, wrist=wrist)
+    w = _WORLDS[key]
+    w.seed(seed)
+    rows, success, left = [], False, post_success
+    with warnings.catch_warnings():  # the experts warn about their own gains
+        warnings.simplefilter("ignore")
+        while w.steps < max_steps and left > 0:
+            image = w.render()
+            objs = w.objects()
+            c = w.camera
+            rows.append(dict(
+                images=image, proprio=w.proprio(), hand=w.hand(), objects=objs, goal=w.goal(),
+                hand_px=w.project(w.hand()), objects_px=w.project(objs), goal_px=w.project(w.goal()),
+                objects_box=np.stack([w.box(g) for g in w.object_geoms]), hand_box=w.box(w.hand_geoms),
+                success=success, contact=w.contact(), camera=np.array([*c.lookat, c.distance, c.azimuth, c.elevation, c.fovy])))
+            action = w.expert_action()
+            rows[-1]["actions"] = action
+            left -= success  # count the frames shown after the first success
+            success = w.step(action) or success
+    if not success:
+        return None
+    ep = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    ep["grip"] = ep["actions"][:, 3]
+    ep["phase"] = np.array([PHASES.index(p) for p in sim.label_phases(
+        ep["hand"], ep["grip"], ep["objects"][:, 0], ep["contact"], ep["success"], task)], dtype=np.int8)
+    if wrist:  # render() gave (scene, wrist) pairs
+        ep["wrist"], ep["images"] = ep["images"][:, 1], ep["images"][:, 0]
+    return ep
+
+
+def collect_task_episodes(cfg: Collect, imap, task: str, bar) -> tuple[list[dict], int, int]:
+    """The first cfg.episodes successful attempts in attempt order; attempts; successes."""
+    found, k, wins = {}, 0, 0
+    while len(found) < cfg.episodes:
+        if k > 3 * cfg.episodes + 10:
+            raise DataError(f"the {task} expert succeeded on only {len(found)} of {k} layouts "
+                            f"within --max-steps {cfg.max_steps}; raise it or drop the task")
+        need = cfg.episodes - len(found)
+        ks = range(k, k + need + max(2, need // 10))  # a few spares: experts fail ~2%
+        jobs = [(task, episode_seed(cfg.seed, task, i), cfg.image_size, cfg.variation,
+                 cfg.wrist, cfg.max_steps, cfg.post_success) for i in ks]
+        for i, ep in zip(ks, imap(run_episode, jobs)):
+            bar.update(1)
+            wins += ep is not None
+            if ep is not None and len(found) < cfg.episodes:
+                found[i] = ep
+        k = ks.stop
+    return [found[i] for i in sorted(found)], k, wins
+
+
+def normalisation_stats(x: np.ndarray) -> dict:
+    """Per-dimension mean/std/min/max/1st and 99th percentile of (N, D) data, as lists."""
+    q01, q99 = np.quantile(x, [0.01, 0.99], axis=0)
+    return {k: v.astype(float).round(6).tolist() for k, v in dict(
+        mean=x.mean(0), std=x.std(0) + 1e-6, min=x.min(0), max=x.max(0), q01=q01, q99=q99).items()}
+
+
+def collect(cfg: Collect) -> Path:
+    """Collect, then write the dataset atomically: a temporary folder renamed into place."""
+    tasks = [sim.check_task(t) for t in cfg.tasks]
+    color = cfg.variation.color_word()  # validates the colours before any work
+    if cfg.variation.table_color:
+        sim.parse_color(cfg.variation.table_color)
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise DataError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    meta = dict(format_version=FORMAT_VERSION, tasks={}, image_size=cfg.image_size,
+                has_actions=cfg.actions, variation=asdict(cfg.variation), color=color,
+                camera=asdict(sim.Camera()), wrist=cfg.wrist, seed=cfg.seed, phases=PHASES)
+    ctx = mp.get_context("spawn")  # fresh processes: no GL state is shared through fork
+    with ctx.Pool(cfg.workers) if cfg.workers > 1 else _InProcess() as pool, \
+            tqdm(desc="episodes", unit="ep") as bar:
+        for task in tasks:
+            eps, attempts, wins = collect_task_episodes(cfg, pool.imap, task, bar)
+            arrays = {k: np.concatenate([e[k] for e in eps]) for k in eps[0]}
+            arrays["episode"] = np.concatenate([np.full(len(e["images"]), i) for i, e in enumerate(eps)])
+            arrays["step"] = np.concatenate([np.arange(len(e["images"])) for e in eps])
+            if not cfg.actions:
+                del arrays["actions"]  # OOD scenes: never an action label
+            (tmp / task).mkdir(parents=True)
+            for k, v in arrays.items():
+                np.save(tmp / task / f"{k}.npy", v)
+            meta["tasks"][task] = dict(
+                frames=len(arrays["images"]), episodes=len(eps), attempts=attempts,
+                expert_success=round(wins / attempts, 3),
+                seeds=[episode_seed(cfg.seed, task, i) for i in range(attempts)],
+                instructions=sim.instructions(task, color, "all"))
+    allp = np.concatenate([np.load(tmp / t / "proprio.npy") for t in tasks])
+    meta["stats"] = {"proprio": normalisation_stats(allp)}
+    if cfg.actions:
+        meta["stats"]["actions"] = normalisation_stats(np.concatenate([np.load(tmp / t / "actions.npy") for t in tasks]))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if out.exists():  # --overwrite: swap only once the new dataset is complete
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+class _InProcess:
+    """A stand-in for a Pool with one worker: no process start-up, same results."""
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for w in _WORLDS.values():
+            w.close()
+        _WORLDS.clear()
+
+    def imap(self, f, jobs):
+        return map(f, jobs)
+
+
+# ----------------------------------------------------------------------------------------
+# Loading
+class Dataset:
+    """A collected dataset: meta.json plus memory-mapped arrays per task."""
+
+    def __init__(self, path: str | Path, image_size: int | None = None):
+        self.path = Path(path)
+        if not (self.path / "meta.json").is_file():
+            raise DataError(f"no dataset at {self.path}: run `python data.py collect --out {self.path}`")
+        try:
+            self.meta = json.loads((self.path / "meta.json").read_text())
+        except json.JSONDecodeError as err:
+            raise DataError(f"{self.path}/meta.json is corrupt ({err}); collect the dataset again") from None
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{self.path} has format {self.meta.get('format_version')}, this code "
+                            f"reads {FORMAT_VERSION}; collect it again")
+        if image_size is not None and self.meta["image_size"] != image_size:
+            raise DataError(f"{self.path} has {self.meta['image_size']} px images, the model expects "
+                            f"{image_size}; collect with --image-size {image_size}")
+        self.tasks = list(self.meta["tasks"])
+        if not self.tasks:
+            raise DataError(f"{self.path} is empty; collect it again")
+        names = ARRAYS + ("actions",) * self.meta["has_actions"] + ("wrist",) * self.meta["wrist"]
+        self.arrays = {t: {k: self._load(t, k) for k in names} for t in self.tasks}
+
+    def _load(self, task: str, key: str) -> np.ndarray:
+        f = self.path / task / f"{key}.npy"
+        try:
+            a = np.load(f, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise DataError(f"{f} is missing or corrupt ({err}); collect the dataset again") from None
+        if len(a) != self.meta["tasks"][task]["frames"]:
+            raise DataError(f"{f} has {len(a)} rows, meta.json says {self.meta['tasks'][task]['frames']}; "
+                            "collect the dataset again")
+        return a
+
+    def episode_frames(self, task: str) -> list[np.ndarray]:
+        """Frame indices of each episode, in order."""
+        ep = np.asarray(self.arrays[task]["episode"])
+        return np.split(np.arange(len(ep)), np.flatnonzero(np.diff(ep)) + 1)
+
+
+# ----------------------------------------------------------------------------------------
+# ETC: embodied trajectory-coupled question/answer records, exact from the simulator state
+def pt(uv) -> str:
+    return f"{int(uv[0])} {int(uv[1])}"  # pixel index containing the point
+
+
+def inside(uv, size: int) -> bool:
+    return bool(0 <= uv[0] < size and 0 <= uv[1] < size)
+
+
+def camera_axes(cam_row: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(right, up, forward) unit vectors of the camera stored per frame."""
+    cam = sim.Camera(tuple(cam_row[:3]), *cam_row[3:])
+    _, fwd, up = sim.camera_pose(cam)
+    return np.cross(fwd, up), up, fwd
+
+
+def relation(hand: np.ndarray, obj: np.ndarray, cam_row: np.ndarray, tol: float = 0.01) -> str:
+    """Where the gripper is relative to the object, as the camera sees it."""
+    right, _, fwd = camera_axes(cam_row)
+    d = hand - obj
+    side = "left" if d @ right < -tol else "right" if d @ right > tol else "aligned"
+    height = "above" if d[2] > tol else "below" if d[2] < -tol else "level"
+    depth = "in front" if d @ fwd < -tol else "behind" if d @ fwd > tol else "level"
+    return f"{side}, {height}, {depth}"
+
+
+def motion(hand: np.ndarray, grip: np.ndarray, t: int, cam_row: np.ndarray, h: int = 5) -> str:
+    """The gripper's dominant move over the next h steps (camera frame), and a grip change."""
+    right, _, fwd = camera_axes(cam_row)
+    e = min(t + h, len(hand) - 1)
+    d = hand[e] - hand[t]
+    comps = {"right": d @ right, "up": d[2], "away from the camera": d @ fwd}
+    name, v = max(comps.items(), key=lambda kv: abs(kv[1]))
+    opposite = {"right": "left", "up": "down", "away from the camera": "toward the camera"}
+    move = "stay" if np.linalg.norm(d) < 0.01 else (name if v > 0 else opposite[name])
+    closing = grip[t:e + 1] > 0
+    if closing.any() != closing.all():
+        move += " and " + ("close" if closing[-1] else "open") + " the gripper"
+    return move
+
+
+def etc_for_frame(a: dict, i: int, frames: np.ndarray, task: str, nouns: list[str],
+                  color: str | None, instruction: str, size: int) -> list[tuple[str, str, str, str]]:
+    """(level, kind, question, answer) for frame i of an episode whose frames are `frames`."""
+    obj = nouns[0]
+    out = []
+    for k, noun in enumerate(nouns):  # scene grounding: where things are
+        if inside(a["objects_px"][i, k], size):
+            out.append(("scene", "point", f"where is the {noun}?", pt(a["objects_px"][i, k])))
+            out.append(("scene", "box", f"locate the {noun}", pt(a["objects_box"][i, k, :2]) + " " + pt(a["objects_box"][i, k, 2:])))
+    if inside(a["hand_px"][i], size):
+        out.append(("scene", "point", "where is the gripper?", pt(a["hand_px"][i])))
+        out.append(("scene", "box", "locate the gripper", pt(a["hand_box"][i, :2]) + " " + pt(a["hand_box"][i, 2:])))
+    if inside(a["goal_px"][i], size):
+        out.append(("scene", "point", "where is the goal?", pt(a["goal_px"][i])))
+    out.append(("scene", "gripper", "is the gripper open or closed?",
+                "open" if a["proprio"][i, 3] > 0.5 else "closed"))
+    if color:
+        out.append(("scene", "color", f"what colour is the {obj}?", color))
+    # task-oriented: where to act, what comes next, whether it is finished
+    target = a["goal_px"][i] if task.startswith("reach") else a["objects_px"][i, 0]
+    if inside(target, size):
+        out.append(("task", "contact", f"where should the gripper act to {instruction}?", pt(target)))
+    phases = a["phase"][frames]
+    later = phases[(frames > i) & (phases != a["phase"][i])]
+    nxt = PHASES[later[0]] if len(later) else "done"
+    out.append(("task", "subgoal", f"what is the next step to {instruction}?", nxt))
+    out.append(("task", "done", f"is the task done: {instruction}?", "yes" if a["success"][i] else "no"))
+    # action-aligned planning: the future motion of the gripper
+    future = [min(i + 4 * j, frames[-1]) for j in range(1, 6)]  # 5 waypoints, 4 steps apart
+    uv = a["hand_px"][future].clip(0, size - 1)
+    out.append(("planning", "trajectory", f"predict the trajectory of: {instruction}",
+                ", ".join(pt(p) for p in uv)))
+    out.append(("planning", "relation", f"where is the gripper relative to the {obj}?",
+                relation(a["hand"][i], a["objects"][i, 0], a["camera"][i])))
+    local = i - frames[0]
+    out.append(("planning", "motion", "where does the gripper move next?",
+                motion(a["hand"][frames], a["grip"][frames], local, a["camera"][i])))
+    return out
+
+
+SECOND_NOUN = {"hammer": "nail", "stick-push": "thermos", "stick-pull": "thermos"}
+
+
+@dataclass
+class Etc:
+    data: str = "data/source"  # a dataset folder from `collect`
+    every: int = 4  # questions for one frame in `every`
+    paraphrases: str = "train"  # instructions in task questions: train | heldout (OOD language)
+    seed: int = 0  # picks the instruction paraphrase per episode
+
+
+def etc_records(ds: Dataset, every: int = 4, paraphrases: str = "train", seed: int = 0) -> list[dict]:
+    """All ETC records of a dataset, deterministic in (dataset, every, paraphrases, seed)."""
+    if paraphrases not in ("train", "heldout"):
+        raise DataError(f"--paraphrases must be train or heldout, not {paraphrases!r}")
+    rng, color, size, recs = np.random.default_rng(seed), ds.meta["color"], ds.meta["image_size"], []
+    for task in ds.tasks:
+        a = {k: np.asarray(v) for k, v in ds.arrays[task].items() if k not in ("images", "wrist")}
+        noun = sim.TEXT[task][0]
+        nouns = [f"{color} {noun}" if color else noun] + ([SECOND_NOUN[task]] if task in SECOND_NOUN else [])
+        texts = sim.instructions(task, color, paraphrases)
+        for ep, frames in enumerate(ds.episode_frames(task)):
+            instruction = texts[rng.integers(len(texts))]
+            for i in frames[::every]:
+                for level, kind, q, ans in etc_for_frame(a, int(i), frames, task, nouns, color, instruction, size):
+                    recs.append(dict(task=task, frame=int(i), episode=ep, step=int(a["step"][i]),
+                                     level=level, kind=kind, question=q, answer=ans))
+    return recs
+
+
+def write_etc(cfg: Etc) -> Path:
+    ds = Dataset(cfg.data)
+    recs = etc_records(ds, cfg.every, cfg.paraphrases, cfg.seed)
+    out = ds.path / "etc.jsonl"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tmp.rename(out)
+    counts = {lv: sum(r["level"] == lv for r in recs) for lv in LEVELS}
+    print(f"wrote {len(recs)} ETC records to {out}: {counts}")
+    return out
+
+
+def read_etc(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no ETC records at {path}: run `python data.py etc --data {path.parent}`")
+    recs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            r = json.loads(line)
+            assert {"task", "frame", "level", "question", "answer"} <= r.keys()
+        except (json.JSONDecodeError, AssertionError):
+            raise DataError(f"{path}:{n} is not an ETC record; regenerate with `python data.py etc`") from None
+        recs.append(r)
+    return recs
+
+
+# ----------------------------------------------------------------------------------------
+# Mixing: which samples a batch holds
+@dataclass(frozen=True)
+class Schedule:
+    kind: str = "constant"  # constant | linear | cosine
+    start: float = 0.5  # value at step 0
+    end: float = 0.5  # value at step `steps` and after
+    steps: int = 1000
+
+    def __call__(self, step: int) -> float:
+        x = min(max(step / max(self.steps, 1), 0.0), 1.0)
+        w = {"constant": 0.0, "linear": x, "cosine": 0.5 * (1 - math.cos(math.pi * x))}[self.kind]
+        return self.start + (self.end - self.start) * w
+
+
+class MixedSampler:
+    """Batch b's contents depend only on (seed, b): resuming at any step is exact.
+
+    The ETC count is f*B rounded stochastically (unbiased), so the fraction seen follows the
+    schedule on average; ETC records are drawn by level (weights) then uniformly."""
+
+    def __init__(self, etc_levels: list[str], n_action: int, batch_size: int,
+                 etc_fraction: Schedule, level_weights: dict[str, float] | None = None, seed: int = 0):
+        self.B, self.n_action, self.schedule, self.seed = batch_size, n_action, etc_fraction, seed
+        levels = np.array(etc_levels)
+        weights = level_weights or {lv: 1.0 for lv in LEVELS}
+        self.by_level = {lv: np.flatnonzero(levels == lv) for lv in LEVELS if weights.get(lv, 0) > 0}
+        self.by_level = {lv: ids for lv, ids in self.by_level.items() if len(ids)}
+        w = np.array([weights[lv] for lv in self.by_level])
+        self.p = w / w.sum() if len(w) else w
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ETC record indices, action sample indices) for this step."""
+        rng = np.random.default_rng([self.seed, step])
+        f = self.schedule(step) if self.by_level else 0.0
+        f = f if self.n_action else 1.0
+        n_etc = int(f * self.B) + int(rng.random() < f * self.B % 1)
+        levels = list(self.by_level)
+        picks = rng.choice(len(levels), size=n_etc, p=self.p) if n_etc else np.zeros(0, int)
+        etc = np.array([rng.choice(self.by_level[levels[j]]) for j in picks], dtype=int)
+        act = rng.integers(self.n_action, size=self.B - n_etc) if self.n_action else np.zeros(0, int)
+        return etc, act
+
+
+# ----------------------------------------------------------------------------------------
+# Samples and collation
+class ActionSamples:
+    """(image, instruction, proprio, action chunk) samples of every frame with actions."""
+
+    def __init__(self, ds: Dataset, chunk: int, paraphrases: str = "train"):
+        if not ds.meta["has_actions"]:
+            raise DataError(f"{ds.path} was collected with --no-actions; it can only give ETC")
+        self.ds, self.chunk, self.paraphrases = ds, chunk, paraphrases
+        self.index = [(t, i) for t in ds.tasks for i in range(ds.meta["tasks"][t]["frames"])]
+        st = ds.meta["stats"]
+        self.a_mean, self.a_std = np.array(st["actions"]["mean"]), np.array(st["actions"]["std"])
+        self.p_mean, self.p_std = np.array(st["proprio"]["mean"]), np.array(st["proprio"]["std"])
+
+    def __len__(self):
+        return len(self.index)
+
+    def __call__(self, j: int, rng: np.random.Generator) -> dict:
+        task, i = self.index[j]
+        a = self.ds.arrays[task]
+        ep = a["episode"]
+        end = i + 1
+        while end < len(ep) and end < i + self.chunk and ep[end] == ep[i]:
+            end += 1  # the chunk stops at the episode's end
+        acts = np.asarray(a["actions"][i:end])
+        pad = self.chunk - len(acts)
+        acts = np.concatenate([acts, np.repeat(acts[-1:], pad, 0)])  # hold the last action
+        texts = sim.instructions(task, self.ds.meta["color"], self.paraphrases)
+        return dict(image=np.asarray(a["images"][i]), text=texts[rng.integers(len(texts))] + "\n",
+                    proprio=((a["proprio"][i] - self.p_mean) / self.p_std).astype(np.float32),
+                    actions=((acts - self.a_mean) / self.a_std).astype(np.float32),
+                    action_mask=np.arange(self.chunk) < self.chunk - pad)
+
+
+def etc_sample(ds: Dataset, rec: dict) -> dict:
+    """An ETC record with its frame's image; the answer is what the loss is taken on."""
+    return dict(image=np.asarray(ds.arrays[rec["task"]]["images"][rec["frame"]]),
+                text=f"question: {rec['question']}\nanswer: ", answer=rec["answer"])
+
+
+def collate(samples: list[dict], tokenizer, image_ids: list[int]) -> dict:
+    """Token ids, masks and tensors for a list of samples of one kind (ETC or action).
+
+    Each sequence is [bos] + image_ids + prompt (+ answer + eos), right-padded. `image_ids`
+    stand for the image (the VLM's image tokens, placed by the code, not a processor).
+    labels are -100 everywhere except the answer and its eos, so the next-token loss is
+    taken on the answer only. Example, ETC: ids  = [bos I I I q q q a a eos pad]
+                                           labels = [ -   - - - - - - a a eos  - ]"""
+    seqs, labs = [], []
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    for s in samples:
+        prompt = bos + list(image_ids) + tokenizer(s["text"], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(s["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] if "answer" in s else []
+        seqs.append(prompt + answer)
+        labs.append([-100] * len(prompt) + answer)
+    L = max(map(len, seqs))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = dict(
+        input_ids=torch.tensor([s + [pad] * (L - len(s)) for s in seqs]),
+        attention_mask=torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs]),
+        labels=torch.tensor([lb + [-100] * (L - len(lb)) for lb in labs]),
+        images=torch.from_numpy(np.stack([s["image"] for s in samples])))  # (B, H, W, 3) uint8
+    for k in ("proprio", "actions", "action_mask"):
+        if k in samples[0]:
+            batch[k] = torch.from_numpy(np.stack([s[k] for s in samples]))
+    return batch
+
+
+def main():
+    cmd = tyro.extras.subcommand_cli_from_dict({"collect": Collect, "etc": Etc})
+    try:
+        print(collect(cmd) if isinstance(cmd, Collect) else write_etc(cmd))
+    except ValueError as err:  # DataError and sim's unknown task / colour
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: headless OpenGL system libraries, torch, then requirements.txt.
+# Safe to run again: each step is skipped when what it installs is already there.
+set -euo pipefail
+cd "$(dirname "$0")"
+SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+PY=${PYTHON:-python3}
+
+# MuJoCo renders headless through EGL (Mesa's software driver on a CPU-only machine).
+if ! ldconfig -p | grep -q "libEGL_mesa.so.0" || ! ls /usr/lib/*/dri/swrast_dri.so >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null; then
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq libegl1 libgl1-mesa-dri
+  else
+    echo "setup.sh: install EGL (libEGL + Mesa DRI drivers) or OSMesa with your package manager" >&2
+    exit 1
+  fi
+fi
+
+# torch first, pinned, so that nothing below pulls a CUDA build.
+$PY -c "import torch" 2>/dev/null || $PY -m pip install -q torch==2.13.0
+$PY -m pip install -q -r requirements.txt

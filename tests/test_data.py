@@ -1,0 +1,233 @@
+"""Datasets, ETC records, the mixing sampler and collation, on real collected data."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data
+import sim
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_collection_is_identical_for_one_and_two_workers(tmp_path):
+    arrays = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        data.collect(data.Collect(tasks=("button-press-topdown",), episodes=2, out=str(out), workers=workers, seed=5))
+        ds = data.Dataset(out)
+        arrays.append({k: np.asarray(v) for k, v in ds.arrays["button-press-topdown"].items()})
+        meta = ds.meta
+    assert arrays[0].keys() == arrays[1].keys()
+    for k in arrays[0]:
+        np.testing.assert_array_equal(arrays[0][k], arrays[1][k], err_msg=k)
+    assert meta["tasks"]["button-press-topdown"]["episodes"] == 2
+
+
+def test_dataset_layout_and_stats(dataset):
+    m = dataset.meta
+    assert m["format_version"] == data.FORMAT_VERSION and m["has_actions"] and m["image_size"] == 64
+    for task in dataset.tasks:
+        a = dataset.arrays[task]
+        n = m["tasks"][task]["frames"]
+        assert a["images"].shape == (n, 64, 64, 3) and a["images"].dtype == np.uint8
+        assert a["actions"].shape == (n, 4) and np.abs(a["actions"]).max() <= 1.0
+        assert a["proprio"].shape == (n, 4)
+        assert sorted(set(a["episode"])) == [0, 1]
+        for frames in dataset.episode_frames(task):  # every kept episode ends in success
+            assert a["success"][frames[-1]] and not a["success"][frames[0]]
+            np.testing.assert_array_equal(a["step"][frames], np.arange(len(frames)))
+    acts = np.concatenate([dataset.arrays[t]["actions"] for t in dataset.tasks])
+    np.testing.assert_allclose(m["stats"]["actions"]["mean"], acts.mean(0), atol=1e-5)
+
+
+def replay(dataset, task, episode):
+    """Re-run an episode's stored actions in a fresh World from its layout seed."""
+    a = dataset.arrays[task]
+    frames = dataset.episode_frames(task)[episode]
+    w = sim.World(task)
+    states = []
+    try:
+        # which attempt seed produced this episode: the one whose layout matches frame 0
+        for seed in dataset.meta["tasks"][task]["seeds"]:
+            w.seed(seed)
+            if np.allclose(w.objects(), a["objects"][frames[0]]) and np.allclose(w.goal(), a["goal"][frames[0]]):
+                break
+        else:
+            raise AssertionError("no stored seed reproduces the episode's layout")
+        success = False
+        for i in frames:
+            states.append(dict(objects=w.objects(), hand=w.hand(), goal=w.goal(), gripper=w.gripper(), success=success))
+            success = w.step(np.asarray(a["actions"][i])) or success
+    finally:
+        w.close()
+    return frames, states
+
+
+def test_etc_answers_agree_with_the_simulator(dataset):
+    """Replay an episode in the simulator and recompute each ETC answer from its state."""
+    recs = [r for r in data.etc_records(dataset, every=1) if r["task"] == "pick-place" and r["episode"] == 1]
+    frames, states = replay(dataset, "pick-place", 1)
+    cam = sim.Camera()
+    checked = set()
+    for r in recs:
+        s = states[r["frame"] - frames[0]]
+        px = lambda xyz: " ".join(str(int(c)) for c in sim.project(xyz, cam, 64, 64))  # noqa: E731
+        if r["question"] == "where is the puck?":
+            assert r["answer"] == px(s["objects"][0])
+        elif r["question"] == "where is the gripper?":
+            assert r["answer"] == px(s["hand"])
+        elif r["question"] == "where is the goal?":
+            assert r["answer"] == px(s["goal"])
+        elif r["kind"] == "gripper":
+            assert r["answer"] == ("open" if s["gripper"] > 0.5 else "closed")
+        elif r["kind"] == "done":
+            assert r["answer"] == ("yes" if s["success"] else "no")
+        elif r["kind"] == "relation":
+            side = r["answer"].split(", ")[1]
+            dz = s["hand"][2] - s["objects"][0][2]
+            assert side == ("above" if dz > 0.01 else "below" if dz < -0.01 else "level")
+        else:
+            continue
+        checked.add(r["kind"])
+    assert checked == {"point", "gripper", "done", "relation"}
+    assert any(r["answer"] == "yes" for r in recs if r["kind"] == "done")
+    assert {r["answer"] for r in recs if r["kind"] == "gripper"} == {"open", "closed"}
+
+
+ANSWER = {  # kind -> the answer's exact shape
+    "point": r"\d+ \d+", "box": r"\d+ \d+ \d+ \d+", "trajectory": r"(\d+ \d+, ){4}\d+ \d+",
+    "gripper": r"open|closed", "done": r"yes|no", "color": r"[a-z]+", "contact": r"\d+ \d+",
+    "subgoal": "|".join(data.PHASES),
+    "relation": r"(left|right|aligned), (above|below|level), (in front|behind|level)",
+    "motion": r"(stay|left|right|up|down|toward the camera|away from the camera)( and (open|close) the gripper)?",
+}
+
+
+def test_every_record_parses_and_lies_in_the_image(dataset_path, dataset):
+    data.write_etc(data.Etc(data=str(dataset_path)))
+    recs = data.read_etc(dataset_path / "etc.jsonl")
+    assert {r["level"] for r in recs} == set(data.LEVELS)
+    for r in recs:
+        assert re.fullmatch(ANSWER[r["kind"]], r["answer"]), r
+        nums = [int(x) for x in re.findall(r"\d+", r["answer"])] if r["kind"] in ("point", "box", "trajectory", "contact") else []
+        assert all(0 <= x < 64 for x in nums), r
+        if r["kind"] == "box":
+            assert nums[0] <= nums[2] and nums[1] <= nums[3]
+        assert 0 <= r["frame"] < dataset.meta["tasks"][r["task"]]["frames"]
+    # readable: one JSON object per line
+    assert json.loads((dataset_path / "etc.jsonl").read_text().splitlines()[0])["task"] in dataset.tasks
+
+
+def test_ood_etc_has_colour_words_heldout_paraphrases_and_no_actions(tmp_path):
+    out = tmp_path / "ood"
+    data.collect(data.Collect(tasks=("push",), episodes=1, out=str(out), workers=1, actions=False,
+                              variation=sim.Variation(object_color="yellow")))
+    ds = data.Dataset(out)
+    assert "actions" not in ds.arrays["push"] and not (out / "push" / "actions.npy").exists()
+    with pytest.raises(data.DataError, match="no-actions"):
+        data.ActionSamples(ds, chunk=8)
+    recs = data.etc_records(ds, paraphrases="heldout")
+    heldout = sim.instructions("push", "yellow", "heldout")[0]
+    assert any(heldout in r["question"] for r in recs)
+    assert not any(t in r["question"] for r in recs for t in sim.instructions("push", "yellow", "train"))
+    assert {r["answer"] for r in recs if r["kind"] == "color"} == {"yellow"}
+    assert any("yellow puck" in r["question"] for r in recs)
+
+
+@pytest.mark.parametrize("schedule", [data.Schedule("constant", 0.3, 0.3, 200),
+                                      data.Schedule("linear", 0.8, 0.2, 200),
+                                      data.Schedule("cosine", 0.5, 0.1, 200)])
+def test_sampler_etc_fraction_follows_the_schedule(schedule):
+    levels = ["scene"] * 500 + ["task"] * 300 + ["planning"] * 200
+    s = data.MixedSampler(levels, n_action=1000, batch_size=32, etc_fraction=schedule, seed=1)
+    for lo in (0, 100):  # two windows of 100 steps: the fraction seen vs the schedule's mean
+        seen = np.mean([len(s.batch(t)[0]) / 32 for t in range(lo, lo + 100)])
+        want = np.mean([schedule(t) for t in range(lo, lo + 100)])
+        assert abs(seen - want) < 0.02, (lo, seen, want)
+    assert all(len(e) + len(a) == 32 for e, a in map(s.batch, range(50)))
+
+
+def test_sampler_level_weights_and_determinism():
+    levels = ["scene"] * 500 + ["task"] * 300 + ["planning"] * 200
+    s = data.MixedSampler(levels, 100, 64, data.Schedule("constant", 1.0, 1.0), {"scene": 1, "task": 3, "planning": 0}, seed=2)
+    picked = np.concatenate([s.batch(t)[0] for t in range(100)])
+    frac_task = np.mean(np.array(levels)[picked] == "task")
+    assert abs(frac_task - 0.75) < 0.03 and "planning" not in set(np.array(levels)[picked])
+    again = data.MixedSampler(levels, 100, 64, data.Schedule("constant", 1.0, 1.0), {"scene": 1, "task": 3, "planning": 0}, seed=2)
+    for t in (0, 17, 99):  # batch t is a function of (seed, t): exact resume at any step
+        np.testing.assert_array_equal(s.batch(t)[0], again.batch(t)[0])
+
+
+def test_collate_masks_labels_to_the_answer(dataset, tokenizer):
+    recs = data.etc_records(dataset)[:3]
+    image_ids = tokenizer.convert_tokens_to_ids(["<image>"]) * 4
+    samples = [data.etc_sample(dataset, r) for r in recs]
+    b = data.collate(samples, tokenizer, image_ids)
+    B, L = b["input_ids"].shape
+    assert b["images"].shape == (3, 64, 64, 3) and b["labels"].shape == (B, L)
+    for i, r in enumerate(recs):
+        ids, lab, att = b["input_ids"][i].tolist(), b["labels"][i].tolist(), b["attention_mask"][i].tolist()
+        n = sum(att)
+        assert ids[0] == tokenizer.bos_token_id and ids[1:5] == image_ids
+        answer = tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        kept = [t for t in lab if t != -100]
+        assert kept == answer and lab[n - len(answer):n] == answer  # the answer, at the end
+        assert all(t == -100 for t in lab[:n - len(answer)] + lab[n:])  # prompt and padding
+        assert ids[n:] == [tokenizer.pad_token_id] * (L - n)
+        assert tokenizer.decode(ids[5:n - len(answer)]) == samples[i]["text"]
+
+
+def test_action_samples_chunk_pad_and_mask(dataset, tokenizer):
+    acts = data.ActionSamples(dataset, chunk=8)
+    a = dataset.arrays["reach"]
+    last = dataset.episode_frames("reach")[0][-1]
+    j = acts.index.index(("reach", int(last) - 2))  # 3 frames left in the episode
+    rng = np.random.default_rng(0)
+    s = acts(j, rng)
+    np.testing.assert_array_equal(s["action_mask"], [1, 1, 1, 0, 0, 0, 0, 0])
+    raw = s["actions"] * acts.a_std + acts.a_mean
+    np.testing.assert_allclose(raw[:3], a["actions"][last - 2:last + 1], atol=1e-5)
+    np.testing.assert_allclose(raw[3:], np.repeat(raw[2:3], 5, 0), atol=1e-6)
+    assert s["text"].strip() in sim.instructions("reach", None, "train")
+    b = data.collate([s, acts(0, rng)], tokenizer, [tokenizer.convert_tokens_to_ids("<image>")])
+    assert b["actions"].shape == (2, 8, 4) and b["proprio"].shape == (2, 4)
+    assert (b["labels"] == -100).all()  # action samples carry no language target
+
+
+def test_bad_inputs_give_one_clear_error_and_keep_what_is_on_disk(tmp_path, dataset_path):
+    with pytest.raises(data.DataError, match="no dataset at"):
+        data.Dataset(tmp_path / "missing")
+    with pytest.raises(data.DataError, match="--image-size 84"):
+        data.Dataset(dataset_path, image_size=84)
+    # an existing dataset is never replaced without --overwrite
+    before = (dataset_path / "meta.json").read_bytes()
+    with pytest.raises(data.DataError, match="--overwrite"):
+        data.collect(data.Collect(tasks=("reach",), episodes=1, out=str(dataset_path)))
+    assert (dataset_path / "meta.json").read_bytes() == before
+    # corrupt files
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "meta.json").write_text("{not json")
+    with pytest.raises(data.DataError, match="corrupt"):
+        data.Dataset(bad)
+    (bad / "etc.jsonl").write_text('{"task": "reach"}\n')
+    with pytest.raises(data.DataError, match="etc.jsonl:1"):
+        data.read_etc(bad / "etc.jsonl")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["collect", "--tasks", "pussh"], "unknown task 'pussh'; valid tasks: assembly"),
+    (["collect", "--variation.object-color", "blurple"], "unknown colour 'blurple'"),
+    (["etc", "--data", "/nonexistent/ds"], "no dataset at /nonexistent/ds: run `python data.py collect"),
+])
+def test_cli_bad_input_exits_non_zero_with_one_line(tmp_path, args, message):
+    r = subprocess.run([sys.executable, "data.py", *args, "--out", str(tmp_path / "x")] if args[0] == "collect"
+                       else [sys.executable, "data.py", *args], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "x").exists()
