@@ -13,9 +13,11 @@ import math
 import multiprocessing as mp
 import shutil
 import sys
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -61,14 +63,18 @@ def episode_seed(seed: int, task: str, k: int) -> int:
 _WORLDS: dict = {}  # per process: the World of the current task, reused across episodes
 
 
+def close_worlds():
+    for w in _WORLDS.values():
+        w.close()
+    _WORLDS.clear()
+
+
 def run_episode(job: tuple) -> dict | None:
     """One scripted episode; its per-frame arrays, or None if the expert failed."""
     task, seed, size, variation, wrist, max_steps, post_success = job
     key = (task, size, variation, wrist)
     if key not in _WORLDS:
-        for w in _WORLDS.values():
-            w.close()
-        _WORLDS.clear()
+        close_worlds()
         _WORLDS[key] = sim.World(task, size, variation, wrist=wrist)
     w = _WORLDS[key]
     w.seed(seed)
@@ -135,52 +141,48 @@ def collect(cfg: Collect) -> Path:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise DataError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     meta = dict(format_version=FORMAT_VERSION, tasks={}, image_size=cfg.image_size,
                 has_actions=cfg.actions, variation=asdict(cfg.variation), color=color,
                 camera=asdict(sim.Camera()), wrist=cfg.wrist, seed=cfg.seed, phases=PHASES)
-    ctx = mp.get_context("spawn")  # fresh processes: no GL state is shared through fork
-    with ctx.Pool(cfg.workers) if cfg.workers > 1 else _InProcess() as pool, \
-            tqdm(desc="episodes", unit="ep") as bar:
-        for task in tasks:
-            eps, attempts, wins = collect_task_episodes(cfg, pool.imap, task, bar)
-            arrays = {k: np.concatenate([e[k] for e in eps]) for k in eps[0]}
-            arrays["episode"] = np.concatenate([np.full(len(e["images"]), i) for i, e in enumerate(eps)])
-            arrays["step"] = np.concatenate([np.arange(len(e["images"])) for e in eps])
-            if not cfg.actions:
-                del arrays["actions"]  # OOD scenes: never an action label
-            (tmp / task).mkdir(parents=True)
-            for k, v in arrays.items():
-                np.save(tmp / task / f"{k}.npy", v)
-            meta["tasks"][task] = dict(
-                frames=len(arrays["images"]), episodes=len(eps), attempts=attempts,
-                expert_success=round(wins / attempts, 3),
-                seeds=[episode_seed(cfg.seed, task, i) for i in range(attempts)],
-                instructions=sim.instructions(task, color, "all"))
-    allp = np.concatenate([np.load(tmp / t / "proprio.npy") for t in tasks])
-    meta["stats"] = {"proprio": normalisation_stats(allp)}
-    if cfg.actions:
-        meta["stats"]["actions"] = normalisation_stats(np.concatenate([np.load(tmp / t / "actions.npy") for t in tasks]))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    if out.exists():  # --overwrite: swap only once the new dataset is complete
-        shutil.rmtree(out)
-    tmp.rename(out)
+    # spawned workers: fresh processes, no OpenGL state inherited through fork
+    pool = mp.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else None
+    try:
+        with tqdm(desc="episodes", unit="ep") as bar:
+            for task in tasks:
+                bar.set_postfix(task=task)
+                eps, attempts, wins = collect_task_episodes(cfg, pool.imap if pool else map, task, bar)
+                arrays = {k: np.concatenate([e[k] for e in eps]) for k in eps[0]}
+                arrays["episode"] = np.concatenate([np.full(len(e["images"]), i) for i, e in enumerate(eps)])
+                arrays["step"] = np.concatenate([np.arange(len(e["images"])) for e in eps])
+                if not cfg.actions:
+                    del arrays["actions"]  # OOD scenes: never an action label
+                (tmp / task).mkdir()
+                for k, v in arrays.items():
+                    np.save(tmp / task / f"{k}.npy", v)
+                meta["tasks"][task] = dict(
+                    frames=len(arrays["images"]), episodes=len(eps), attempts=attempts,
+                    expert_success=round(wins / attempts, 3), instructions=sim.instructions(task, color, "all"),
+                    seeds=[episode_seed(cfg.seed, task, i) for i in range(attempts)])
+        meta["stats"] = {k: normalisation_stats(np.concatenate([np.load(tmp / t / f"{k}.npy") for t in tasks]))
+                         for k in ("proprio", "actions")[:1 + cfg.actions]}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp)  # a failed or interrupted run leaves nothing behind
+        raise
+    finally:
+        if pool:
+            pool.terminate()
+        else:
+            close_worlds()
+    if out.exists():  # --overwrite: the old dataset goes only once the new one is complete
+        old = out.rename(tmp.with_name(tmp.name + "-old"))
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
     return out
-
-
-class _InProcess:
-    """A stand-in for a Pool with one worker: no process start-up, same results."""
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for w in _WORLDS.values():
-            w.close()
-        _WORLDS.clear()
-
-    def imap(self, f, jobs):
-        return map(f, jobs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -269,41 +271,41 @@ def motion(hand: np.ndarray, grip: np.ndarray, t: int, cam_row: np.ndarray, h: i
 
 def etc_for_frame(a: dict, i: int, frames: np.ndarray, task: str, nouns: list[str],
                   color: str | None, instruction: str, size: int) -> list[tuple[str, str, str, str]]:
-    """(level, kind, question, answer) for frame i of an episode whose frames are `frames`."""
-    obj = nouns[0]
+    """(level, kind, question, answer) for frame i of the episode whose frames are `frames`.
+
+    a: the task's arrays; nouns: its objects, main first, colour word included if varied."""
+    box = lambda b: f"{pt(b[:2])} {pt(b[2:])}"  # noqa: E731
     out = []
-    for k, noun in enumerate(nouns):  # scene grounding: where things are
+    # scene grounding: where things are, the gripper's state, the object's colour
+    for k, noun in enumerate(nouns):
         if inside(a["objects_px"][i, k], size):
-            out.append(("scene", "point", f"where is the {noun}?", pt(a["objects_px"][i, k])))
-            out.append(("scene", "box", f"locate the {noun}", pt(a["objects_box"][i, k, :2]) + " " + pt(a["objects_box"][i, k, 2:])))
+            out += [("scene", "point", f"where is the {noun}?", pt(a["objects_px"][i, k])),
+                    ("scene", "box", f"locate the {noun}", box(a["objects_box"][i, k]))]
     if inside(a["hand_px"][i], size):
-        out.append(("scene", "point", "where is the gripper?", pt(a["hand_px"][i])))
-        out.append(("scene", "box", "locate the gripper", pt(a["hand_box"][i, :2]) + " " + pt(a["hand_box"][i, 2:])))
+        out += [("scene", "point", "where is the gripper?", pt(a["hand_px"][i])),
+                ("scene", "box", "locate the gripper", box(a["hand_box"][i]))]
     if inside(a["goal_px"][i], size):
         out.append(("scene", "point", "where is the goal?", pt(a["goal_px"][i])))
     out.append(("scene", "gripper", "is the gripper open or closed?",
                 "open" if a["proprio"][i, 3] > 0.5 else "closed"))
-    if color:
-        out.append(("scene", "color", f"what colour is the {obj}?", color))
+    if color:  # asked with the bare noun, or the question would give the answer away
+        out.append(("scene", "color", f"what colour is the {sim.TEXT[task][0]}?", color))
     # task-oriented: where to act, what comes next, whether it is finished
     target = a["goal_px"][i] if task.startswith("reach") else a["objects_px"][i, 0]
     if inside(target, size):
         out.append(("task", "contact", f"where should the gripper act to {instruction}?", pt(target)))
     phases = a["phase"][frames]
     later = phases[(frames > i) & (phases != a["phase"][i])]
-    nxt = PHASES[later[0]] if len(later) else "done"
-    out.append(("task", "subgoal", f"what is the next step to {instruction}?", nxt))
-    out.append(("task", "done", f"is the task done: {instruction}?", "yes" if a["success"][i] else "no"))
-    # action-aligned planning: the future motion of the gripper
+    out += [("task", "subgoal", f"what is the next step to {instruction}?", PHASES[later[0]] if len(later) else "done"),
+            ("task", "done", f"is the task done: {instruction}?", "yes" if a["success"][i] else "no")]
+    # action-aligned planning: the gripper's future path, its relation to the object, its next move
     future = [min(i + 4 * j, frames[-1]) for j in range(1, 6)]  # 5 waypoints, 4 steps apart
-    uv = a["hand_px"][future].clip(0, size - 1)
-    out.append(("planning", "trajectory", f"predict the trajectory of: {instruction}",
-                ", ".join(pt(p) for p in uv)))
-    out.append(("planning", "relation", f"where is the gripper relative to the {obj}?",
-                relation(a["hand"][i], a["objects"][i, 0], a["camera"][i])))
-    local = i - frames[0]
-    out.append(("planning", "motion", "where does the gripper move next?",
-                motion(a["hand"][frames], a["grip"][frames], local, a["camera"][i])))
+    out += [("planning", "trajectory", f"predict the trajectory of: {instruction}",
+             ", ".join(pt(p) for p in a["hand_px"][future].clip(0, size - 1))),
+            ("planning", "relation", f"where is the gripper relative to the {nouns[0]}?",
+             relation(a["hand"][i], a["objects"][i, 0], a["camera"][i])),
+            ("planning", "motion", "where does the gripper move next?",
+             motion(a["hand"][frames], a["grip"][frames], i - frames[0], a["camera"][i]))]
     return out
 
 
@@ -314,14 +316,12 @@ SECOND_NOUN = {"hammer": "nail", "stick-push": "thermos", "stick-pull": "thermos
 class Etc:
     data: str = "data/source"  # a dataset folder from `collect`
     every: int = 4  # questions for one frame in `every`
-    paraphrases: str = "train"  # instructions in task questions: train | heldout (OOD language)
+    paraphrases: Literal["train", "heldout"] = "train"  # instructions in task questions; heldout: OOD language
     seed: int = 0  # picks the instruction paraphrase per episode
 
 
 def etc_records(ds: Dataset, every: int = 4, paraphrases: str = "train", seed: int = 0) -> list[dict]:
     """All ETC records of a dataset, deterministic in (dataset, every, paraphrases, seed)."""
-    if paraphrases not in ("train", "heldout"):
-        raise DataError(f"--paraphrases must be train or heldout, not {paraphrases!r}")
     rng, color, size, recs = np.random.default_rng(seed), ds.meta["color"], ds.meta["image_size"], []
     for task in ds.tasks:
         a = {k: np.asarray(v) for k, v in ds.arrays[task].items() if k not in ("images", "wrist")}
@@ -340,10 +340,9 @@ def etc_records(ds: Dataset, every: int = 4, paraphrases: str = "train", seed: i
 def write_etc(cfg: Etc) -> Path:
     ds = Dataset(cfg.data)
     recs = etc_records(ds, cfg.every, cfg.paraphrases, cfg.seed)
-    out = ds.path / "etc.jsonl"
-    tmp = out.with_suffix(".tmp")
+    out, tmp = ds.path / "etc.jsonl", ds.path / ".etc.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    tmp.rename(out)
+    tmp.rename(out)  # derived from the dataset, so regenerating it loses nothing
     counts = {lv: sum(r["level"] == lv for r in recs) for lv in LEVELS}
     print(f"wrote {len(recs)} ETC records to {out}: {counts}")
     return out
@@ -368,10 +367,10 @@ def read_etc(path: str | Path) -> list[dict]:
 # Mixing: which samples a batch holds
 @dataclass(frozen=True)
 class Schedule:
-    kind: str = "constant"  # constant | linear | cosine
+    kind: Literal["constant", "linear", "cosine"] = "constant"
     start: float = 0.5  # value at step 0
     end: float = 0.5  # value at step `steps` and after
-    steps: int = 1000
+    steps: int = 1000  # length of the ramp
 
     def __call__(self, step: int) -> float:
         x = min(max(step / max(self.steps, 1), 0.0), 1.0)
@@ -428,11 +427,8 @@ class ActionSamples:
     def __call__(self, j: int, rng: np.random.Generator) -> dict:
         task, i = self.index[j]
         a = self.ds.arrays[task]
-        ep = a["episode"]
-        end = i + 1
-        while end < len(ep) and end < i + self.chunk and ep[end] == ep[i]:
-            end += 1  # the chunk stops at the episode's end
-        acts = np.asarray(a["actions"][i:end])
+        ep = np.asarray(a["episode"][i:i + self.chunk])
+        acts = np.asarray(a["actions"][i:i + self.chunk])[ep == ep[0]]  # stop at the episode's end
         pad = self.chunk - len(acts)
         acts = np.concatenate([acts, np.repeat(acts[-1:], pad, 0)])  # hold the last action
         texts = sim.instructions(task, self.ds.meta["color"], self.paraphrases)
