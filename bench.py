@@ -1,7 +1,9 @@
-"""Speed, measured and printed (never asserted): collection frames/s for now.
+"""Speed, measured and printed (never asserted): collection frames/s, and the VLA's training
+step and sampling latency beside transformers' PI0ForConditionalGeneration at matched size.
 
-    python bench.py              # full: 64 and 84 px, 1 and 2 workers
+    python bench.py              # everything
     python bench.py --quick      # a smoke run for CI
+    python bench.py --only model # one section: collect | model
 
 Every number in the printed table comes from this run on this machine.
 """
@@ -11,9 +13,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import tyro
 
 import data
+import model
 import sim
 
 
@@ -24,6 +28,9 @@ class Bench:
     episodes: int = 6  # scripted episodes per task and setting
     sizes: tuple[int, ...] = (64, 84)  # image sizes to time
     workers: tuple[int, ...] = (1, 2)  # process counts to time
+    only: str = ""  # run one section: collect | model
+    batch: int = 16  # training batch for the model section
+    repeats: int = 10  # timed repetitions (median reported)
 
 
 def collection_rate(tasks: list[str], episodes: int, size: int, workers: int) -> tuple[int, float]:
@@ -53,11 +60,83 @@ def bench_collection(cfg: Bench) -> list[str]:
     return rows
 
 
+def median_ms(fn, repeats: int) -> float:
+    """Median wall time of fn() in ms, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
+
+
+def bench_model(cfg: Bench) -> list[str]:
+    """Our tiny VLA vs transformers' PI0 at matched size, same batch and prompt text. The
+    peer runs twice: on our 64 px images (64 image tokens, no pixel shuffle) and on 32 px
+    images (16 image tokens, as many as ours)."""
+    torch.manual_seed(0)
+    vla = model.VLA(model.VLAConfig())
+    B, reps = (2, 2) if cfg.quick else (cfg.batch, cfg.repeats)
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(1, 255, (B, 64, 64, 3), dtype=np.uint8))
+    text = ["push the puck to the goal\n"] * B  # a typical instruction
+    batch = vla.batch_from(images, text, torch.randn(B, 4))
+    batch["actions"], batch["action_mask"] = torch.randn(B, 8, 4), torch.ones(B, 8, dtype=torch.bool)
+    prompt = vla.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+    def timings(m, loss_fn, sample_fn):
+        """(train step ms, 10-step sample ms, 1-step sample ms) for a model."""
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss_fn().backward()
+            opt.step()
+        m.train()
+        train = median_ms(step, reps)
+        m.eval()
+        with torch.no_grad():
+            return train, median_ms(lambda: sample_fn(10), reps), median_ms(lambda: sample_fn(1), reps)
+
+    one = {k: v[:1] for k, v in batch.items()}
+    ours = timings(vla, lambda: vla.loss(batch)["loss"], lambda n: vla.sample(one, n))
+    cols, heads = [ours], [f"ours ({batch['input_ids'].shape[1]} prefix tokens)"]
+    for size in (64, 32):
+        peer = model.pi0_peer(vla, image_size=size)
+        vc = peer.config.vlm_config
+        n_img = (size // vc.vision_config.patch_size) ** 2
+        ids = torch.cat([torch.full((B, n_img), vc.image_token_id), prompt], 1)
+        pixels = torch.nn.functional.interpolate(vla.pixels(images)[:, 0], size=(size, size))[:, None]
+        pin = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                   pixel_attention_mask=torch.ones(B, 1, dtype=torch.bool), state=batch["proprio"])
+        pone = {k: v[:1] for k, v in pin.items()}
+        cols.append(timings(peer, lambda: peer(actions=batch["actions"], **pin).loss,
+                            lambda n: peer.sample_actions(num_steps=n, **pone)))
+        heads.append(f"PI0 {size} px ({ids.shape[1]} prefix tokens)")
+    n = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+    rows = [f"parameters: ours {n(vla):.2f}M (VLM {n(vla.vlm):.2f}M + expert {n(vla.expert):.2f}M), "
+            f"PI0 peer {n(peer):.2f}M; torch threads {torch.get_num_threads()}", "",
+            "| measure | " + " | ".join(heads) + " | ours / PI0 64 px | ours / PI0 32 px |",
+            "|---|---|---|---|---|---|"]
+    names = [f"train step, batch {B} (ms)", "sample 1 chunk, 10 steps (ms)", "sample 1 chunk, 1 step (ms)"]
+    for i, name in enumerate(names):
+        vals = [c[i] for c in cols]
+        rows.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in vals) +
+                    f" | {vals[0] / vals[1]:.2f} | {vals[0] / vals[2]:.2f} |")
+    rows.append(f"| train samples/s | " + " | ".join(f"{1000 * B / c[0]:.0f}" for c in cols) + " | | |")
+    return rows
+
+
 def main(cfg: Bench):
     print(f"machine: {os.cpu_count()} cores, MUJOCO_GL={os.environ.get('MUJOCO_GL')}, "
-          f"numpy {np.__version__}")
-    print("\n## Collection (scripted experts, rendering included)\n")
-    print("\n".join(bench_collection(cfg)))
+          f"torch {torch.__version__}, numpy {np.__version__}")
+    if cfg.only in ("", "collect"):
+        print("\n## Collection (scripted experts, rendering included)\n")
+        print("\n".join(bench_collection(cfg)))
+    if cfg.only in ("", "model"):
+        print("\n## The VLA (tiny, CPU) vs transformers' PI0ForConditionalGeneration\n")
+        print("\n".join(bench_model(cfg)))
 
 
 if __name__ == "__main__":
