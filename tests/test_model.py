@@ -198,3 +198,21 @@ def test_a_pretrained_checkpoint_folder_loads_through_the_same_code(tmp_path, ba
                            action_mask=batches[0]["action_mask"][i].numpy()) for i in range(2)], m.tokenizer, m.image_ids)
     assert torch.isfinite(m.loss(b)["loss"])
     assert m.eval().sample(b, 2).shape == (2, 8, 4)
+
+
+def test_cached_padded_greedy_decoding_equals_a_plain_forward(vla, batches):
+    """Each token generate() picks (KV cache, right-padded batch) is the argmax of a plain
+    forward pass over that row's unpadded prompt plus the tokens before it."""
+    _, etc, recs = batches
+    vla.eval()
+    qs = [f"question: {recs[0]['question']}\nanswer: ", "question: a much longer question, so the first row is padded?\nanswer: "]
+    b = vla.batch_from(etc["images"][:2], qs)
+    new = vla.generate(b, 5)
+    for i in range(2):
+        n = int(b["attention_mask"][i].sum())
+        seq = torch.cat([b["input_ids"][i, :n], new[i]])[None]
+        with torch.no_grad():
+            logits = vla.vlm(input_ids=seq, attention_mask=torch.ones_like(seq),
+                             pixel_values=vla.pixels(b["images"][i:i + 1])).logits[0]
+        np.testing.assert_array_equal(logits[n - 1:n - 1 + 5].argmax(-1), new[i])
+    assert vla.generate(vla.batch_from(etc["images"][:1], ["q"]), 6, actions=True).min() >= vla.act0
