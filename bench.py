@@ -33,6 +33,31 @@ class Bench:
     repeats: int = 10  # timed repetitions (median reported)
 
 
+def pi0_peer(vla: model.VLA, image_size: int | None = None):
+    """transformers' PI0ForConditionalGeneration at about this VLA's size and shapes: the
+    peer that bench.py times and the tests check the flow-matching convention against.
+    PaliGemma's SigLIP has no pixel shuffle, so at the same patch size it sees 4x the image
+    tokens (64 at 64 px) that Idefics3 does (16); image_size=32 matches the token count."""
+    from transformers import PI0Config, PI0ForConditionalGeneration
+    c, tc = vla.cfg, vla.vlm.config.text_config
+    vision = vla.vlm.config.vision_config
+    head_dim = tc.hidden_size // tc.num_attention_heads
+    cfg = PI0Config(
+        vlm_config=dict(model_type="paligemma", image_token_id=vla.vlm.config.image_token_id, projection_dim=tc.hidden_size,
+                        text_config=dict(model_type="gemma", hidden_size=tc.hidden_size, num_hidden_layers=tc.num_hidden_layers,
+                                         intermediate_size=tc.intermediate_size, num_attention_heads=tc.num_attention_heads,
+                                         num_key_value_heads=1, head_dim=head_dim, vocab_size=tc.vocab_size),
+                        vision_config=dict(model_type="siglip_vision_model", hidden_size=vision.hidden_size,
+                                           intermediate_size=vision.intermediate_size, patch_size=vision.patch_size,
+                                           image_size=image_size or vision.image_size, num_hidden_layers=vision.num_hidden_layers,
+                                           num_attention_heads=vision.num_attention_heads, vision_use_head=False)),
+        dit_config=dict(model_type="gemma", hidden_size=c.expert_width, num_hidden_layers=tc.num_hidden_layers,
+                        intermediate_size=2 * c.expert_mlp, num_attention_heads=c.expert_heads,
+                        num_key_value_heads=1, head_dim=head_dim),
+        chunk_size=c.chunk, max_state_dim=c.proprio_dim, max_action_dim=c.action_dim)
+    return PI0ForConditionalGeneration(cfg)
+
+
 def collection_rate(tasks: list[str], episodes: int, size: int, workers: int) -> tuple[int, float]:
     """(frames, seconds) for scripted episodes in `workers` warm processes (start-up excluded)."""
     jobs = [(t, data.episode_seed(0, t, k), size, sim.Variation(), False, 300, 8)
@@ -103,7 +128,7 @@ def bench_model(cfg: Bench) -> list[str]:
     ours = timings(vla, lambda: vla.loss(batch)["loss"], lambda n: vla.sample(one, n))
     cols, heads = [ours], [f"ours ({batch['input_ids'].shape[1]} prefix tokens)"]
     for size in (64, 32):
-        peer = model.pi0_peer(vla, image_size=size)
+        peer = pi0_peer(vla, image_size=size)
         vc = peer.config.vlm_config
         n_img = (size // vc.vision_config.patch_size) ** 2
         ids = torch.cat([torch.full((B, n_img), vc.image_token_id), prompt], 1)

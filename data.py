@@ -11,6 +11,7 @@ A dataset collected with --no-actions (novel scenes for OOD ETC) stores no actio
 import json
 import math
 import multiprocessing as mp
+import re
 import shutil
 import sys
 import tempfile
@@ -363,6 +364,39 @@ def read_etc(path: str | Path) -> list[dict]:
     return recs
 
 
+COORDS = ("point", "box", "contact", "trajectory")  # answers made of pixel coordinates
+
+
+def etc_error(kind: str, pred: str, answer: str) -> float:
+    """Coordinates: mean pixel distance between predicted and true points (inf if the
+    shapes differ). Words: 0 for an exact match, inf otherwise."""
+    if kind not in COORDS:
+        return 0.0 if pred.strip() == answer else math.inf
+    got, want = (np.array([int(x) for x in re.findall(r"\d+", t)]) for t in (pred, answer))
+    if got.shape != want.shape:
+        return math.inf
+    return float(np.linalg.norm((got - want).reshape(-1, 2), axis=1).mean())
+
+
+def etc_scores(recs: list[dict], preds: list[str], tol: float = 4.0) -> dict:
+    """Per level: accuracy (exact words; coordinates within `tol` px) and the median pixel
+    error of the coordinate answers that have the right shape."""
+    out = {}
+    for lv in LEVELS:
+        pairs = [(r, p) for r, p in zip(recs, preds) if r["level"] == lv]
+        if pairs:
+            errs = [etc_error(r["kind"], p, r["answer"]) for r, p in pairs]
+            px = [e for (r, _), e in zip(pairs, errs) if r["kind"] in COORDS and e < math.inf]
+            out[lv] = dict(acc=float(np.mean([e <= tol for e in errs])), n=len(pairs),
+                           px_err=float(np.median(px)) if px else None)  # of answers that parsed
+    return out
+
+
+def held_out(rec: dict, every: int) -> bool:
+    """Every `every`-th episode of each task is kept out of ETC training, for evaluation."""
+    return rec["episode"] % every == every - 1
+
+
 # ----------------------------------------------------------------------------------------
 # Mixing: which samples a batch holds
 @dataclass(frozen=True)
@@ -435,7 +469,9 @@ class ActionSamples:
         return dict(image=np.asarray(a["images"][i]), text=texts[rng.integers(len(texts))] + "\n",
                     proprio=((a["proprio"][i] - self.p_mean) / self.p_std).astype(np.float32),
                     actions=((acts - self.a_mean) / self.a_std).astype(np.float32),
-                    action_mask=np.arange(self.chunk) < self.chunk - pad)
+                    action_mask=np.arange(self.chunk) < self.chunk - pad,
+                    noise=rng.standard_normal(acts.shape).astype(np.float32),  # flow-matching eps and
+                    time_u=np.float32(rng.random()))  # the uniform draw behind its time t
 
 
 def etc_sample(ds: Dataset, rec: dict) -> dict:
@@ -466,10 +502,32 @@ def collate(samples: list[dict], tokenizer, image_ids: list[int]) -> dict:
         attention_mask=torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs]),
         labels=torch.tensor([lb + [-100] * (L - len(lb)) for lb in labs]),
         images=torch.from_numpy(np.stack([s["image"] for s in samples])))  # (B, H, W, 3) uint8
-    for k in ("proprio", "actions", "action_mask"):
+    for k in ("proprio", "actions", "action_mask", "noise", "time_u"):
         if k in samples[0]:
             batch[k] = torch.from_numpy(np.stack([s[k] for s in samples]))
     return batch
+
+
+class Batches:
+    """The collated (ETC batch, action batch) of a training step. The global batch depends
+    only on (seed, step); DDP process `rank` of `world` takes every world-th sample of it."""
+
+    def __init__(self, etc_sets: list[tuple[Dataset, list[dict]]], actions: ActionSamples | None,
+                 tokenizer, image_ids: list[int], batch_size: int, etc_fraction: Schedule,
+                 level_weights: dict[str, float] | None = None, seed: int = 0):
+        self.recs = [(ds, r) for ds, recs in etc_sets for r in recs]
+        self.actions, self.tokenizer, self.image_ids, self.seed = actions, tokenizer, image_ids, seed
+        self.sampler = MixedSampler([r["level"] for _, r in self.recs], len(actions) if actions else 0,
+                                    batch_size, etc_fraction, level_weights, seed)
+
+    def __call__(self, step: int, rank: int = 0, world: int = 1) -> tuple[dict | None, dict | None]:
+        e, a = self.sampler.batch(step)
+        etc = [etc_sample(*self.recs[i]) for i in e[rank::world]]
+        # an action sample's paraphrase, flow noise and time depend on its place in the global
+        # batch, not on the rank that holds it: any number of processes sees the same batch
+        act = [self.actions(a[k], np.random.default_rng([self.seed, step, k])) for k in range(rank, len(a), world)]
+        return (collate(etc, self.tokenizer, self.image_ids) if etc else None,
+                collate(act, self.tokenizer, self.image_ids) if act else None)
 
 
 def main():

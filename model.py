@@ -22,12 +22,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
 import data
+import sim
 
 FORMAT = "bridgevla-vla-1"
 
@@ -57,17 +59,30 @@ class VLAConfig:
 
 # ----------------------------------------------------------------------------------------
 # The VLM: tiny offline Idefics3, or any pretrained AutoModelForImageTextToText
-def tiny_tokenizer(n_action_tokens: int):
-    """A byte-level tokenizer built offline with `tokenizers`: 256 bytes, specials, action tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+# The project's own language, for the tiny tokenizer's merges: ETC questions and answers.
+ETC_WORDS = ("question: where is the gripper?\nanswer: ", "locate the goal", "is the gripper open or closed?",
+             "what colour is the", "where should the gripper act to", "what is the next step to",
+             "is the task done: yes no", "predict the trajectory of:", "where is the gripper relative to the",
+             "left, right, aligned, above, below, level, in front, behind", "where does the gripper move next?",
+             "stay up down toward the camera away from the camera and close open the gripper")
+
+
+def tiny_tokenizer(n_action_tokens: int, vocab_size: int = 1024):
+    """A byte-level BPE tokenizer trained offline with `tokenizers` (about a second) on every
+    instruction and paraphrase in every colour, the ETC vocabulary and pixel numbers. Any text
+    still encodes (all 256 bytes are in it); the merges make our prompts ~3x shorter, and the
+    sequence length is most of the step time."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     specials = ["<pad>", "<bos>", "<eos>", "<image>"] + [f"<act{i}>" for i in range(n_action_tokens)]
-    for s in specials:
-        vocab[s] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    corpus = [t for task in sim.TASKS for c in [None, *sim.PALETTE] for t in sim.instructions(task, c, "all")]
+    corpus += list(ETC_WORDS) + list(data.PHASES) + [f"{i} {j}, " for i in range(128) for j in range(0, 128, 7)]
+    tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size + len(specials), special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<eos>", additional_special_tokens=specials[3:])
 
@@ -113,6 +128,22 @@ def image_token_ids(vc, tokenizer) -> list[int]:
     return wrap + [vc.image_token_id] * n + wrap[:1]
 
 
+def global_loss(terms: dict, weights: dict, world: int = 1) -> tuple[torch.Tensor, dict]:
+    """sum_k w_k * (global sum_k / global count_k) over {name: (sum, count)} from VLA.forward.
+    DDP averages gradients over processes, so the local part is scaled by `world`; the
+    counts are all-reduced first. Also returns each term's global mean, for logging."""
+    loss, logs = 0.0, {}
+    for name, w in weights.items():
+        s, n = terms.get(name, (torch.zeros(()), torch.zeros(())))
+        stats = torch.stack([s.detach().float().cpu(), n.float().cpu()])
+        if world > 1:
+            torch.distributed.all_reduce(stats)
+        if stats[1] > 0:
+            loss = loss + w * s * world / stats[1]
+            logs[name] = (stats[0] / stats[1]).item()
+    return loss, logs
+
+
 def kv_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (keys, values), each (B, kv_heads, L, head_dim), from a transformers cache."""
     if hasattr(cache, "layers"):
@@ -133,15 +164,27 @@ def flow_target(a: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[to
     return (1 - t) * a + t * eps, eps - a
 
 
+def flow_sums(v: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over valid steps of ||v - u||^2 / D, number of valid steps)  (pi0 eq. 1).
+    v, u: (B, H, D); mask: (B, H), 0 on steps padded past the episode's end."""
+    return ((v - u).pow(2).mean(-1) * mask).sum(), mask.sum()
+
+
 def flow_loss(v: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """mean over valid steps of ||v - u||^2 / D  (pi0 eq. 1).  v, u: (B, H, D); mask: (B, H)"""
-    per_step = (v - u).pow(2).mean(-1)  # (B, H)
-    return (per_step * mask).sum() / mask.sum().clamp(min=1)
+    s, n = flow_sums(v, u, mask)
+    return s / n.clamp(min=1)
 
 
-def sample_time(n: int, generator=None, device=None) -> torch.Tensor:
-    """pi0's t ~ Beta(1.5, 1) mapped to [0.001, 1]: more weight on the noisier half."""
-    u = torch.rand(n, generator=generator, device=device)
+def next_token_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy of token i+1 given tokens <= i, number of labelled tokens).
+    logits: (B, L, V); labels: (B, L), -100 where no loss is taken."""
+    target = labels[:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum")
+    return ce, (target != -100).sum()
+
+
+def sample_time(u: torch.Tensor) -> torch.Tensor:
+    """Uniform u in [0, 1) -> pi0's t ~ Beta(1.5, 1) on [0.001, 1]: more weight on the noisier half."""
     return 0.999 * u.pow(1 / 1.5) + 0.001  # inverse CDF of Beta(1.5, 1) is u^(1/1.5)
 
 
@@ -230,6 +273,7 @@ class VLA(nn.Module):
         self.cfg = cfg
         self.vlm, self.tokenizer = build_vlm(cfg, tokenizer)
         self.stats = stats or {}  # normalisation stats of the data the policy was trained on
+        self.warming_up = False  # set by the trainer while a fresh expert must not move the VLM
         tc = self.vlm.config.text_config
         n_vlm = tc.num_hidden_layers
         cfg.feed_layers = tuple(cfg.feed_layers) or tuple(range(n_vlm))
@@ -283,7 +327,7 @@ class VLA(nn.Module):
                              pixel_values=self.pixels(batch["images"]), use_cache=True)
         kv = kv_layers(out.past_key_values)
         kv = [kv[i] for i in self.cfg.feed_layers]
-        if self.cfg.insulate:  # knowledge insulation: the action loss does not reach the VLM
+        if self.cfg.insulate or self.warming_up:  # no action gradient into the VLM (pi0.5's insulation)
             kv = [(k.detach(), v.detach()) for k, v in kv]
         proj = [layer.project_prefix(k, v) for layer, (k, v) in zip(self.expert.layers, kv)]
         return dict(kv=proj, mask=batch["attention_mask"].bool(), state=batch["proprio"])
@@ -293,26 +337,37 @@ class VLA(nn.Module):
         return x_t - t[:, None, None] * self.expert(x_t, t, prefix["state"], prefix)
 
     # -- losses --------------------------------------------------------------------------
+    def forward(self, etc: dict | None = None, act: dict | None = None, generator=None) -> dict:
+        """Summed loss terms and their counts, {name: (sum, count)}: 'lm' for an ETC batch,
+        'flow' or 'tokens' for an action batch. Sums (not means) let a trainer normalise by
+        the global count, so that DDP over any number of processes equals one process."""
+        out = {}
+        if etc is not None:  # ETC: next-token loss on the answer tokens only
+            logits = self.vlm(input_ids=etc["input_ids"], attention_mask=etc["attention_mask"],
+                              pixel_values=self.pixels(etc["images"])).logits
+            out["lm"] = next_token_sums(logits, etc["labels"])
+        if act is not None and self.cfg.head == "tokens":
+            out["tokens"] = self.token_sums(act)
+        elif act is not None:  # noise and time come with the batch when data.Batches drew them
+            a = act["actions"]
+            eps = act["noise"] if "noise" in act else torch.randn(a.shape, generator=generator, device=a.device)
+            u = act["time_u"] if "time_u" in act else torch.rand(a.shape[0], generator=generator, device=a.device)
+            eps, t = eps.to(a.dtype), sample_time(u).to(a.dtype)
+            x_t, u = flow_target(a, eps, t)
+            v = self.expert(x_t, t, act["proprio"], self.prefix(act))
+            out["flow"] = flow_sums(v, u, act["action_mask"].to(v.dtype))
+        return out
+
     def loss(self, batch: dict, generator=None) -> dict:
-        """Loss terms for an ETC batch (labels) or an action batch (actions); 'loss' is their sum."""
-        if "actions" not in batch:  # ETC: next-token loss on the answer tokens only
-            out = self.vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           pixel_values=self.pixels(batch["images"]), labels=batch["labels"])
-            return dict(loss=out.loss, lm=out.loss.detach())
-        if self.cfg.head == "tokens":
-            return self.token_loss(batch)
-        a = batch["actions"]
-        eps = torch.randn(a.shape, generator=generator, device=a.device, dtype=a.dtype)
-        t = sample_time(a.shape[0], generator, a.device).to(a.dtype)
-        x_t, u = flow_target(a, eps, t)
-        v = self.expert(x_t, t, batch["proprio"], self.prefix(batch))
-        loss = flow_loss(v, u, batch["action_mask"].to(v.dtype))
-        return dict(loss=loss, flow=loss.detach())
+        """Mean loss of one batch (ETC or action), for tests and quick use; 'loss' to backprop."""
+        terms = self(**{"act" if "actions" in batch else "etc": batch}, generator=generator)
+        means = {k: s / n.clamp(min=1) for k, (s, n) in terms.items()}
+        return dict(loss=sum(means.values()), **{k: m.detach() for k, m in means.items()})
 
     def action_token_ids(self, actions: torch.Tensor) -> torch.Tensor:
         return self.to_bins(actions).flatten(1) + self.act0  # (B, H*D)
 
-    def token_loss(self, batch: dict) -> dict:
+    def token_sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the chunk's action tokens (+ eos) to each prompt; next-token loss on them."""
         ids, att, lab = batch["input_ids"], batch["attention_mask"], batch["labels"]
         acts = self.action_token_ids(batch["actions"])
@@ -327,9 +382,8 @@ class VLA(nn.Module):
             new_ids[i, :len(seq)], new_att[i, :len(seq)] = seq, 1
             new_lab[i, n[i]:n[i] + acts.shape[1]] = torch.where(valid[i], acts[i], -100)
             new_lab[i, n[i] + acts.shape[1]] = self.tokenizer.eos_token_id
-        out = self.vlm(input_ids=new_ids, attention_mask=new_att, labels=new_lab,
-                       pixel_values=self.pixels(batch["images"]))
-        return dict(loss=out.loss, tokens=out.loss.detach())
+        logits = self.vlm(input_ids=new_ids, attention_mask=new_att, pixel_values=self.pixels(batch["images"])).logits
+        return next_token_sums(logits, new_lab)
 
     # -- inference -----------------------------------------------------------------------
     @torch.no_grad()
@@ -348,6 +402,26 @@ class VLA(nn.Module):
         prefix = self.prefix(batch)
         x1 = noise if noise is not None else torch.randn(B, H, D, device=self.device)
         return euler(lambda x, t: self.expert(x, t, prefix["state"], prefix), x1.to(self.device), num_steps)
+
+    @torch.no_grad()
+    def act(self, images: torch.Tensor, instructions: list[str], proprio, num_steps: int = 10):
+        """Control: raw proprio (B, P) -> raw actions (B, H, D) in [-1, 1], via the stats."""
+        st = {k: {s: torch.tensor(v, dtype=torch.float32) for s, v in d.items()} for k, d in self.stats.items()}
+        p = (torch.as_tensor(proprio, dtype=torch.float32) - st["proprio"]["mean"]) / st["proprio"]["std"]
+        a = self.predict_action_chunk(images, instructions, p, num_steps).float().cpu()
+        return (a * st["actions"]["std"] + st["actions"]["mean"]).clamp(-1, 1).numpy()
+
+    @torch.no_grad()
+    def etc_scores(self, recs: list[tuple], batch: int = 32) -> dict:
+        """Greedy answers to (dataset, record) pairs, scored per level by data.etc_scores."""
+        was_training, preds = self.training, []
+        self.eval()
+        for i in range(0, len(recs), batch):
+            part = recs[i:i + batch]
+            images = torch.from_numpy(np.stack([ds.arrays[r["task"]]["images"][r["frame"]] for ds, r in part]))
+            preds += self.answer(images, [r["question"] for _, r in part])
+        self.train(was_training)
+        return data.etc_scores([r for _, r in recs], preds)
 
     @torch.no_grad()
     def generate(self, batch: dict, max_new: int, actions: bool = False) -> torch.Tensor:
@@ -387,12 +461,16 @@ class VLA(nn.Module):
         return answers
 
     # -- checkpoints ---------------------------------------------------------------------
-    def save(self, path: str | Path):
-        """A folder loadable without training state; written to a temporary name, then renamed."""
+    def save(self, path: str | Path, train_state: dict | None = None):
+        """A folder loadable without training state (plus train_state.pt, for exact resume,
+        when given); written to a temporary name, then renamed over the old one."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         save_model(self, str(tmp / "model.safetensors"))
+        if train_state is not None:
+            torch.save(train_state, tmp / "train_state.pt")
         (tmp / "config.json").write_text(json.dumps(dict(format=FORMAT, vla=asdict(self.cfg)), indent=1))
         (tmp / "stats.json").write_text(json.dumps(self.stats, indent=1))
         self.tokenizer.save_pretrained(tmp)
@@ -431,27 +509,3 @@ def load(path: str | Path, expect: dict | None = None) -> VLA:
                               f"unexpected {unexpected[:3]}); it was saved by other code")
     return model.eval()
 
-
-def pi0_peer(vla: VLA, image_size: int | None = None):
-    """transformers' PI0ForConditionalGeneration at about this VLA's size and shapes: the
-    peer that bench.py times and the tests check the flow-matching convention against.
-    PaliGemma's SigLIP has no pixel shuffle, so at the same patch size it sees 4x the image
-    tokens (64 at 64 px) that Idefics3 does (16); image_size=32 matches the token count."""
-    from transformers import PI0Config, PI0ForConditionalGeneration
-    c, tc = vla.cfg, vla.vlm.config.text_config
-    vision = vla.vlm.config.vision_config
-    head_dim = tc.hidden_size // tc.num_attention_heads
-    cfg = PI0Config(
-        vlm_config=dict(model_type="paligemma", image_token_id=vla.vlm.config.image_token_id, projection_dim=tc.hidden_size,
-                        text_config=dict(model_type="gemma", hidden_size=tc.hidden_size, num_hidden_layers=tc.num_hidden_layers,
-                                         intermediate_size=tc.intermediate_size, num_attention_heads=tc.num_attention_heads,
-                                         num_key_value_heads=1, head_dim=head_dim, vocab_size=tc.vocab_size),
-                        vision_config=dict(model_type="siglip_vision_model", hidden_size=vision.hidden_size,
-                                           intermediate_size=vision.intermediate_size, patch_size=vision.patch_size,
-                                           image_size=image_size or vision.image_size, num_hidden_layers=vision.num_hidden_layers,
-                                           num_attention_heads=vision.num_attention_heads, vision_use_head=False)),
-        dit_config=dict(model_type="gemma", hidden_size=c.expert_width, num_hidden_layers=tc.num_hidden_layers,
-                        intermediate_size=2 * c.expert_mlp, num_attention_heads=c.expert_heads,
-                        num_key_value_heads=1, head_dim=head_dim),
-        chunk_size=c.chunk, max_state_dim=c.proprio_dim, max_action_dim=c.action_dim)
-    return PI0ForConditionalGeneration(cfg)

@@ -36,3 +36,10 @@ def tokenizer():
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<eos>", additional_special_tokens=["<image>"])
+
+
+@pytest.fixture(scope="session")
+def etc_path(dataset_path):
+    """The tiny dataset with its etc.jsonl written."""
+    data.write_etc(data.Etc(data=str(dataset_path)))
+    return dataset_path

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+import bench
 import data
 import model
 
@@ -163,7 +164,7 @@ def test_flow_convention_agrees_with_transformers_pi0(vla):
     """Drive transformers' PI0ForConditionalGeneration with our x_t, u, time embedding and
     Euler loop: its own loss and its own sampler give the same numbers."""
     torch.manual_seed(0)
-    peer = model.pi0_peer(vla).eval()
+    peer = bench.pi0_peer(vla).eval()
     B, img_tokens = 2, 64
     ids = torch.cat([torch.full((B, img_tokens), peer.config.vlm_config.image_token_id), torch.randint(0, 256, (B, 12))], 1)
     inputs = dict(input_ids=ids, pixel_values=torch.rand(B, 1, 3, 64, 64) * 2 - 1,
