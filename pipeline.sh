@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
-# The whole bridgevla pipeline on the tiny CPU default. Each step writes under data/ or out/;
-# pass OVERWRITE=1 to redo steps whose outputs already exist.
+# The whole bridgevla pipeline on the tiny CPU default. Each step writes under data/ or out/
+# and is skipped when its output exists; OVERWRITE=1 redoes everything.
 set -euo pipefail
 cd "$(dirname "$0")"
 OW=${OVERWRITE:+--overwrite}
+have() { [ -e "$1" ] && [ -z "$OW" ]; }
 
-# 1. Source-domain demonstrations (default scene) and their ETC records.
-[ -d data/source ] && [ -z "$OW" ] || python data.py collect --out data/source $OW
-python data.py etc --data data/source
+# 1. Source domain: demonstrations of 4 tasks in the default scene, and their ETC records.
+have data/source || python data.py collect --out data/source $OW
+have data/source/etc.jsonl || python data.py etc --data data/source
 
-# 2. Task-relevant OOD scenes for ETC only: a novel object colour, held-out paraphrases,
-#    no action labels written.
-[ -d data/ood ] && [ -z "$OW" ] || python data.py collect --out data/ood --episodes 10 \
+# 2. Target domain: the same tasks on a white table, 5 demonstrations each, and their ETC.
+have data/target || python data.py collect --out data/target --episodes 5 --variation.table-color white $OW
+have data/target/etc.jsonl || python data.py etc --data data/target
+
+# 3. Task-relevant OOD scenes for ETC only: yellow objects, held-out paraphrases, no actions.
+have data/ood || python data.py collect --out data/ood --episodes 10 --variation.table-color white \
     --variation.object-color yellow --no-actions $OW
-python data.py etc --data data/ood --paraphrases heldout
+have data/ood/etc.jsonl || python data.py etc --data data/ood --paraphrases heldout
+
+# 4. The three stages: Distribution Bridging, Objective Bridging, Retentive Adaptation.
+have out/stage1 || python train_etc.py $OW
+have out/stage2 || python train_vla.py --stage 2 $OW
+have out/stage3 || python train_vla.py --stage 3 $OW

@@ -391,3 +391,26 @@ def label_phases(hand: np.ndarray, grip: np.ndarray, obj: np.ndarray, contact: n
             p = "approach"
         phases.append(p)
     return phases
+
+
+def run_policy(policy, task: str, seeds: list[int], instruction: str, variation: Variation = Variation(),
+               image_size: int = 64, max_steps: int = 200, execute: int = 8) -> list[bool]:
+    """Closed-loop episodes, one per layout seed; success = Meta-World's success at any step.
+
+    policy(image (H, W, 3) uint8, instruction, proprio (4,)) -> actions (K, 4) in [-1, 1];
+    the first `execute` of each chunk are run before asking again (receding horizon)."""
+    world, results = World(task, image_size, variation), []
+    try:
+        for seed in seeds:
+            world.seed(seed)
+            success = False
+            while world.steps < max_steps and not success:
+                chunk = policy(world.render(), instruction, world.proprio())
+                for a in chunk[:execute]:
+                    success = world.step(a) or success
+                    if success or world.steps >= max_steps:
+                        break
+            results.append(success)
+    finally:
+        world.close()
+    return results

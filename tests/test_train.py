@@ -1,0 +1,129 @@
+"""The three stages end to end on tiny data: checkpoints, exact resume, DDP, schedules, errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import model
+import train_etc
+import train_vla
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(batch=4, log_every=1, eval_every=1000, save_every=1000, holdout=2)  # episode 1 of 2: held out
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def stage1(etc_path, out, **kw):
+    train_etc.main(train_etc.Config(**{**TINY, "etc_data": (str(etc_path),), "out": str(out), "steps": 3, **kw}))
+
+
+def stage2(etc_path, init, out, **kw):
+    cfg = dict(stage=2, action_data=str(etc_path), etc_data=(str(etc_path),), init=str(init), out=str(out),
+               steps=4, eval_episodes=0, expert_warmup=2, warmup=2)
+    train_vla.main(train_vla.Config(**{**TINY, **cfg, **kw}))
+
+
+@pytest.fixture(scope="module")
+def stage1_ckpt(etc_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("s1") / "stage1"
+    stage1(etc_path, out)
+    return out
+
+
+def test_stage1_writes_a_loadable_checkpoint_and_etc_accuracy(stage1_ckpt):
+    vla = model.load(stage1_ckpt)
+    assert (stage1_ckpt / "train_state.pt").is_file()
+    log = rows(stage1_ckpt.with_name("stage1.log.jsonl"))
+    assert [r["step"] for r in log[:3]] == [0, 1, 2] and all(r["lm"] > 0 for r in log[:3])
+    assert set(log[-1]["etc"]) == set(data.LEVELS)  # held-out ETC accuracy per level
+    assert vla.cfg.head == "flow"
+
+
+def test_stages_2_and_3_chain_and_evaluate_closed_loop(etc_path, stage1_ckpt, tmp_path):
+    stage2(etc_path, stage1_ckpt, tmp_path / "stage2")
+    s1, s2 = model.load(stage1_ckpt), model.load(tmp_path / "stage2")
+    moved = [n for (n, a), b in zip(s1.vlm.state_dict().items(), s2.vlm.state_dict().values()) if not torch.equal(a, b)]
+    assert moved  # stage 2 trains the bridged VLM
+    train_vla.main(train_vla.Config(stage=3, action_data=str(etc_path), etc_data=(str(etc_path),),
+                                    init=str(tmp_path / "stage2"), out=str(tmp_path / "stage3"), steps=2,
+                                    eval_episodes=1, ood_color="0,0,255", **TINY))
+    summary = rows(tmp_path / "stage3.log.jsonl")[-1]
+    assert set(summary["success"]) == set(summary["success_ood"]) == {"reach", "pick-place"}
+    assert all(v in (0.0, 1.0) for v in summary["success"].values())
+    assert model.load(tmp_path / "stage3").cfg.head == "flow"
+
+
+def test_resume_after_ctrl_c_gives_the_same_losses(etc_path, stage1_ckpt, tmp_path, monkeypatch):
+    stage2(etc_path, stage1_ckpt, tmp_path / "a", steps=6)
+    whole = rows(tmp_path / "a.log.jsonl")[:6]
+    real = data.Batches.__call__
+
+    def interrupt_at_3(self, step, *args):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(self, step, *args)
+    monkeypatch.setattr(data.Batches, "__call__", interrupt_at_3)
+    with pytest.raises(SystemExit) as stop:
+        stage2(etc_path, stage1_ckpt, tmp_path / "b", steps=6)
+    assert stop.value.code == 130
+    assert torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)["step"] == 3
+    monkeypatch.undo()
+    stage2(etc_path, stage1_ckpt, tmp_path / "b", steps=6, resume=True)
+    resumed = rows(tmp_path / "b.log.jsonl")[:6]
+    for a, b in zip(whole, resumed):
+        assert a["step"] == b["step"]
+        for k in ("lm", "flow"):
+            assert a.get(k) == pytest.approx(b.get(k), rel=1e-5, abs=1e-6), (a, b)
+
+
+def test_ddp_two_gloo_processes_match_one_process(etc_path, stage1_ckpt, tmp_path):
+    args = ["--stage", "2", "--action-data", str(etc_path), "--etc-data", str(etc_path), "--init", str(stage1_ckpt),
+            "--steps", "2", "--batch", "8", "--log-every", "1", "--eval-episodes", "0", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "train_vla.py", *args, "--out", str(tmp_path / "one")],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          "train_vla.py", *args, "--out", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = rows(tmp_path / "one.log.jsonl")[:2], rows(tmp_path / "two.log.jsonl")[:2]
+    for r1, r2 in zip(a, b):
+        for k in ("lm", "flow"):
+            assert r1[k] == pytest.approx(r2[k], rel=1e-4), (r1, r2)
+
+
+def test_etc_fraction_seen_follows_the_schedule(etc_path, stage1_ckpt, tmp_path):
+    stage2(etc_path, stage1_ckpt, tmp_path / "s", steps=40, batch=8, etc_start=0.8, etc_end=0.2, log_every=20,
+           expert_warmup=0)
+    log = [r for r in rows(tmp_path / "s.log.jsonl") if "etc_frac" in r]
+    sched = data.Schedule("cosine", 0.8, 0.2, 40)
+    for r in log[1:]:  # each logged fraction is the mean over the last 20 steps
+        want = sum(sched(s) for s in range(r["step"] - 19, r["step"] + 1)) / 20
+        assert abs(r["etc_frac"] - want) < 0.06, (r, want)
+
+
+def test_out_of_order_mismatched_and_diverging_runs_stop_clearly(etc_path, stage1_ckpt, tmp_path, monkeypatch):
+    r = subprocess.run([sys.executable, "train_vla.py", "--stage", "3", "--init", str(tmp_path / "nope"),
+                        "--action-data", str(etc_path), "--out", str(tmp_path / "s3")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "run stage 2 first" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "s3").exists()
+    with pytest.raises(model.CheckpointError, match="pass --head flow"):
+        train_vla.main(train_vla.Config(stage=3, action_data=str(etc_path), etc_data=(str(etc_path),),
+                                        init=str(stage1_ckpt), out=str(tmp_path / "t"), head="tokens", **TINY))
+    with pytest.raises(data.DataError, match="--overwrite"):
+        stage1(etc_path, stage1_ckpt)
+    before = (stage1_ckpt / "model.safetensors").read_bytes()
+    monkeypatch.setattr(model, "global_loss", lambda *a, **k: (torch.tensor(float("nan")), {"lm": float("nan")}))
+    with pytest.raises(FloatingPointError, match="lower --lr"):
+        stage1(etc_path, stage1_ckpt, resume=True, steps=5)
+    assert (stage1_ckpt / "model.safetensors").read_bytes() == before
