@@ -177,13 +177,18 @@ def collect(cfg: Collect) -> Path:
             pool.terminate()
         else:
             close_worlds()
-    if out.exists():  # --overwrite: the old dataset goes only once the new one is complete
-        old = out.rename(tmp.with_name(tmp.name + "-old"))
+    replace_dir(tmp, out)
+    return out
+
+
+def replace_dir(tmp: Path, out: Path):
+    """Move a finished folder into place; an old one at `out` goes only once the new one is there."""
+    if out.exists():
+        old = out.rename(out.with_name(f".{out.name}.old"))
         tmp.rename(out)
         shutil.rmtree(old)
     else:
         tmp.rename(out)
-    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -308,6 +313,14 @@ def etc_for_frame(a: dict, i: int, frames: np.ndarray, task: str, nouns: list[st
             ("planning", "motion", "where does the gripper move next?",
              motion(a["hand"][frames], a["grip"][frames], i - frames[0], a["camera"][i]))]
     return out
+
+
+# The ETC questions' and answers' words, for the tiny tokenizer's merges (model.tiny_tokenizer).
+ETC_WORDS = ("question: where is the gripper?\nanswer: ", "locate the goal", "is the gripper open or closed?",
+             "what colour is the", "where should the gripper act to", "what is the next step to",
+             "is the task done: yes no", "predict the trajectory of:", "where is the gripper relative to the",
+             "left, right, aligned, above, below, level, in front, behind", "where does the gripper move next?",
+             "stay up down toward the camera away from the camera and close open the gripper")
 
 
 SECOND_NOUN = {"hammer": "nail", "stick-push": "thermos", "stick-pull": "thermos"}

@@ -59,14 +59,6 @@ class VLAConfig:
 
 # ----------------------------------------------------------------------------------------
 # The VLM: tiny offline Idefics3, or any pretrained AutoModelForImageTextToText
-# The project's own language, for the tiny tokenizer's merges: ETC questions and answers.
-ETC_WORDS = ("question: where is the gripper?\nanswer: ", "locate the goal", "is the gripper open or closed?",
-             "what colour is the", "where should the gripper act to", "what is the next step to",
-             "is the task done: yes no", "predict the trajectory of:", "where is the gripper relative to the",
-             "left, right, aligned, above, below, level, in front, behind", "where does the gripper move next?",
-             "stay up down toward the camera away from the camera and close open the gripper")
-
-
 def tiny_tokenizer(n_action_tokens: int, vocab_size: int = 1024):
     """A byte-level BPE tokenizer trained offline with `tokenizers` (about a second) on every
     instruction and paraphrase in every colour, the ETC vocabulary and pixel numbers. Any text
@@ -76,7 +68,7 @@ def tiny_tokenizer(n_action_tokens: int, vocab_size: int = 1024):
     from transformers import PreTrainedTokenizerFast
     specials = ["<pad>", "<bos>", "<eos>", "<image>"] + [f"<act{i}>" for i in range(n_action_tokens)]
     corpus = [t for task in sim.TASKS for c in [None, *sim.PALETTE] for t in sim.instructions(task, c, "all")]
-    corpus += list(ETC_WORDS) + list(data.PHASES) + [f"{i} {j}, " for i in range(128) for j in range(0, 128, 7)]
+    corpus += list(data.ETC_WORDS) + list(data.PHASES) + [f"{i} {j}, " for i in range(128) for j in range(0, 128, 7)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -406,10 +398,10 @@ class VLA(nn.Module):
     @torch.no_grad()
     def act(self, images: torch.Tensor, instructions: list[str], proprio, num_steps: int = 10):
         """Control: raw proprio (B, P) -> raw actions (B, H, D) in [-1, 1], via the stats."""
-        st = {k: {s: torch.tensor(v, dtype=torch.float32) for s, v in d.items()} for k, d in self.stats.items()}
-        p = (torch.as_tensor(proprio, dtype=torch.float32) - st["proprio"]["mean"]) / st["proprio"]["std"]
-        a = self.predict_action_chunk(images, instructions, p, num_steps).float().cpu()
-        return (a * st["actions"]["std"] + st["actions"]["mean"]).clamp(-1, 1).numpy()
+        p, a = self.stats["proprio"], self.stats["actions"]
+        proprio = torch.as_tensor((np.asarray(proprio) - p["mean"]) / p["std"], dtype=torch.float32)
+        chunk = self.predict_action_chunk(images, instructions, proprio, num_steps).float().cpu().numpy()
+        return np.clip(chunk * a["std"] + a["mean"], -1, 1)
 
     @torch.no_grad()
     def etc_scores(self, recs: list[tuple], batch: int = 32) -> dict:
@@ -474,13 +466,7 @@ class VLA(nn.Module):
         (tmp / "config.json").write_text(json.dumps(dict(format=FORMAT, vla=asdict(self.cfg)), indent=1))
         (tmp / "stats.json").write_text(json.dumps(self.stats, indent=1))
         self.tokenizer.save_pretrained(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
+        data.replace_dir(tmp, path)
 
 
 def load(path: str | Path, expect: dict | None = None) -> VLA:
