@@ -459,12 +459,14 @@ class MixedSampler:
 class ActionSamples:
     """(image, instruction, proprio, action chunk) samples of every frame with actions."""
 
-    def __init__(self, ds: Dataset, chunk: int, paraphrases: str = "train"):
+    def __init__(self, ds: Dataset, chunk: int, paraphrases: str = "train", stats: dict | None = None):
+        """stats: the normalisation to use; a policy keeps the one it was first trained with,
+        so stage 3 normalises its target demos with stage 2's stats, not their own."""
         if not ds.meta["has_actions"]:
             raise DataError(f"{ds.path} was collected with --no-actions; it can only give ETC")
         self.ds, self.chunk, self.paraphrases = ds, chunk, paraphrases
         self.index = [(t, i) for t in ds.tasks for i in range(ds.meta["tasks"][t]["frames"])]
-        st = ds.meta["stats"]
+        st = stats or ds.meta["stats"]
         self.a_mean, self.a_std = np.array(st["actions"]["mean"]), np.array(st["actions"]["std"])
         self.p_mean, self.p_std = np.array(st["proprio"]["mean"]), np.array(st["proprio"]["std"])
 
@@ -535,6 +537,7 @@ class Batches:
 
     def __call__(self, step: int, rank: int = 0, world: int = 1) -> tuple[dict | None, dict | None]:
         e, a = self.sampler.batch(step)
+        self.etc_fraction = len(e) / (len(e) + len(a))  # of the global batch, for the log
         etc = [etc_sample(*self.recs[i]) for i in e[rank::world]]
         # an action sample's paraphrase, flow noise and time depend on its place in the global
         # batch, not on the rank that holds it: any number of processes sees the same batch

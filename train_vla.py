@@ -155,7 +155,7 @@ def main(cfg: Config):
         etc_sets.append((eds, [r for r in recs if not data.held_out(r, cfg.holdout)]))
         probe += [(eds, r) for r in recs if data.held_out(r, cfg.holdout)][::7][:300]  # as in stage 1
     weights = {lv: 1.0 for lv in cfg.levels}
-    batches = data.Batches(etc_sets, data.ActionSamples(ds, cfg.chunk), vla.tokenizer, vla.image_ids, cfg.batch,
+    batches = data.Batches(etc_sets, data.ActionSamples(ds, cfg.chunk, stats=vla.stats), vla.tokenizer, vla.image_ids, cfg.batch,
                            data.Schedule("cosine", cfg.etc_start, cfg.etc_end, cfg.steps), weights, cfg.seed)
     params = [p for p in vla.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
@@ -178,7 +178,7 @@ def main(cfg: Config):
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step)
             etc, act = batches(step, rank, world)
-            seen.append(len(batches.sampler.batch(step)[0]) / cfg.batch)
+            seen.append(batches.etc_fraction)
             vla.warming_up = step < cfg.expert_warmup  # the fresh expert's random gradients stay out of the VLM
             with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
                 terms = net(etc=to(etc, device), act=to(act, device))

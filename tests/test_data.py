@@ -194,6 +194,9 @@ def test_action_samples_chunk_pad_and_mask(dataset, tokenizer):
     np.testing.assert_allclose(raw[:3], a["actions"][last - 2:last + 1], atol=1e-5)
     np.testing.assert_allclose(raw[3:], np.repeat(raw[2:3], 5, 0), atol=1e-6)
     assert s["text"].strip() in sim.instructions("reach", None, "train")
+    other = {k: {"mean": [1.0] * 4, "std": [2.0] * 4} for k in ("actions", "proprio")}
+    s2 = data.ActionSamples(dataset, chunk=8, stats=other)(j, np.random.default_rng(0))
+    np.testing.assert_allclose(s2["actions"][0] * 2 + 1, a["actions"][last - 2], atol=1e-5)
     b = data.collate([s, acts(0, rng)], tokenizer, [tokenizer.convert_tokens_to_ids("<image>")])
     assert b["actions"].shape == (2, 8, 4) and b["proprio"].shape == (2, 4)
     assert (b["labels"] == -100).all()  # action samples carry no language target

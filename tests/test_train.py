@@ -47,18 +47,22 @@ def test_stage1_writes_a_loadable_checkpoint_and_etc_accuracy(stage1_ckpt):
     assert vla.cfg.head == "flow"
 
 
-def test_stages_2_and_3_chain_and_evaluate_closed_loop(etc_path, stage1_ckpt, tmp_path):
+def test_stages_2_and_3_chain_and_evaluate_closed_loop(etc_path, stage1_ckpt, tmp_path, monkeypatch):
     stage2(etc_path, stage1_ckpt, tmp_path / "stage2")
     s1, s2 = model.load(stage1_ckpt), model.load(tmp_path / "stage2")
     moved = [n for (n, a), b in zip(s1.vlm.state_dict().items(), s2.vlm.state_dict().values()) if not torch.equal(a, b)]
     assert moved  # stage 2 trains the bridged VLM
+    used = []  # the normalisation stage 3's action samples are built with
+    real = data.ActionSamples.__init__
+    monkeypatch.setattr(data.ActionSamples, "__init__", lambda self, *a, **k: used.append(k.get("stats")) or real(self, *a, **k))
     train_vla.main(train_vla.Config(stage=3, action_data=str(etc_path), etc_data=(str(etc_path),),
                                     init=str(tmp_path / "stage2"), out=str(tmp_path / "stage3"), steps=2,
                                     eval_episodes=1, ood_color="0,0,255", **TINY))
     summary = rows(tmp_path / "stage3.log.jsonl")[-1]
     assert set(summary["success"]) == set(summary["success_ood"]) == {"reach", "pick-place"}
     assert all(v in (0.0, 1.0) for v in summary["success"].values())
-    assert model.load(tmp_path / "stage3").cfg.head == "flow"
+    s3 = model.load(tmp_path / "stage3")
+    assert s3.cfg.head == "flow" and s3.stats == s2.stats and used == [s2.stats]  # the policy keeps its normalisation
 
 
 def test_resume_after_ctrl_c_gives_the_same_losses(etc_path, stage1_ckpt, tmp_path, monkeypatch):
