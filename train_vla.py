@@ -54,7 +54,8 @@ class Config:
     clip: float = 1.0  # gradient-norm clipping
     etc_start: float | None = None  # ETC fraction of the batch at step 0 (stage default)
     etc_end: float | None = None  # ... and at the last step (cosine in between)
-    action_weight: float = 1.0  # weight of the action loss against the ETC loss
+    action_weight_start: float = 1.0  # weight of the action loss against the ETC loss at step 0 ...
+    action_weight_end: float = 1.0  # ... and at the last step (cosine in between)
     expert_warmup: int | None = None  # first steps in which the action loss does not reach the VLM
     levels: tuple[str, ...] = data.LEVELS  # ETC levels used (the paper's category ablation)
     chunk: int = 8  # actions per chunk
@@ -164,7 +165,7 @@ def main(cfg: Config):
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
     net = torch.nn.parallel.DistributedDataParallel(vla, find_unused_parameters=True) if world > 1 else vla
-    loss_weights = {"lm": 1.0, vla.cfg.head: cfg.action_weight}
+    action_weight = data.Schedule("cosine", cfg.action_weight_start, cfg.action_weight_end, cfg.steps)
     out.parent.mkdir(parents=True, exist_ok=True)
     log = open(out.with_name(out.name + ".log.jsonl"), "a" if cfg.resume else "w", buffering=1) if rank == 0 else None  # line-buffered: a crash keeps the log
 
@@ -182,7 +183,7 @@ def main(cfg: Config):
             vla.warming_up = step < cfg.expert_warmup  # the fresh expert's random gradients stay out of the VLM
             with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
                 terms = net(etc=to(etc, device), act=to(act, device))
-            loss, logs = model.global_loss(terms, loss_weights, world)
+            loss, logs = model.global_loss(terms, {"lm": 1.0, vla.cfg.head: action_weight(step)}, world)
             if not math.isfinite(float(sum(logs.values()))):
                 raise FloatingPointError(f"the loss is {logs} at step {step}; lower --lr (now {cfg.lr}). "
                                          f"The last checkpoint in {out} is kept.")

@@ -131,3 +131,12 @@ def test_out_of_order_mismatched_and_diverging_runs_stop_clearly(etc_path, stage
     with pytest.raises(FloatingPointError, match="lower --lr"):
         stage1(etc_path, stage1_ckpt, resume=True, steps=5)
     assert (stage1_ckpt / "model.safetensors").read_bytes() == before
+
+
+def test_action_weight_schedule_scales_the_action_loss(etc_path, stage1_ckpt, tmp_path, monkeypatch):
+    seen = []
+    real = model.global_loss
+    monkeypatch.setattr(model, "global_loss", lambda terms, weights, world: seen.append(dict(weights)) or real(terms, weights, world))
+    stage2(etc_path, stage1_ckpt, tmp_path / "w", steps=3, action_weight_start=0.0, action_weight_end=2.0)
+    sched = data.Schedule("cosine", 0.0, 2.0, 3)
+    assert [w["flow"] for w in seen] == [sched(s) for s in range(3)] and all(w["lm"] == 1.0 for w in seen)
