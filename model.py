@@ -54,6 +54,7 @@ class VLAConfig:
     insulate: bool = False  # knowledge insulation (pi0.5): no gradient from the expert into the VLM
     bins: int = 256  # action-token bins over [-token_range, token_range] of normalised values
     token_range: float = 3.0
+    steps: int = 10  # Euler steps when sampling; a distilled one-step student saves 1
     vlm_config: dict = field(default_factory=dict)  # filled in: the VLM's own config, for loading
 
 
@@ -248,6 +249,11 @@ class ActionExpert(nn.Module):
         self.norm = nn.LayerNorm(W)
         self.action_out = nn.Linear(W, cfg.action_dim)
 
+    def project(self, vlm_kv: dict) -> dict:
+        """VLA.vlm_kv's VLM cache -> this expert's prefix keys/values (distillation runs the VLM once, projects it 3x)."""
+        kv = [layer.project_prefix(k, v) for layer, (k, v) in zip(self.layers, vlm_kv["kv"])]
+        return {**vlm_kv, "kv": kv}
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor, prefix: dict) -> torch.Tensor:
         """x_t: (B, H, D) noisy chunk; t: (B,); state: (B, P); prefix from VLA.prefix -> (B, H, D)."""
         a = self.action_in(x_t)
@@ -308,25 +314,26 @@ class VLA(nn.Module):
             b["proprio"] = proprio
         return {k: v.to(self.device) for k, v in b.items()}
 
-    @property
-    def device(self):
-        return next(self.parameters()).device
+    device = property(lambda self: next(self.parameters()).device)
 
     # -- the prefix ----------------------------------------------------------------------
     def prefix(self, batch: dict) -> dict:
-        """Run the VLM once over image + prompt; keep the KV that feeds the expert."""
+        """Run the VLM once over image + prompt; the expert's keys/values of its cache."""
+        return self.expert.project(self.vlm_kv(batch))
+
+    def vlm_kv(self, batch: dict) -> dict:
+        """The VLM's cached keys/values of the layers that feed the expert, the prompt mask and state."""
         out = self.vlm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              pixel_values=self.pixels(batch["images"]), use_cache=True)
-        kv = kv_layers(out.past_key_values)
-        kv = [kv[i] for i in self.cfg.feed_layers]
+        kv = [kv_layers(out.past_key_values)[i] for i in self.cfg.feed_layers]
         if self.cfg.insulate or self.warming_up:  # no action gradient into the VLM (pi0.5's insulation)
             kv = [(k.detach(), v.detach()) for k, v in kv]
-        proj = [layer.project_prefix(k, v) for layer, (k, v) in zip(self.expert.layers, kv)]
-        return dict(kv=proj, mask=batch["attention_mask"].bool(), state=batch["proprio"])
+        return dict(kv=kv, mask=batch["attention_mask"].bool(), state=batch["proprio"])
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, prefix: dict) -> torch.Tensor:
-        """x0_hat = x_t - t v(x_t, t): the denoiser interface distillation uses."""
-        return x_t - t[:, None, None] * self.expert(x_t, t, prefix["state"], prefix)
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, prefix: dict, expert=None) -> torch.Tensor:
+        """x0_hat = x_t - t v(x_t, t): the denoiser interface distillation uses (with its own
+        expert copies; prefix from that expert's project). At t = 1 this is one Euler step."""
+        return x_t - t[:, None, None] * (expert or self.expert)(x_t, t, prefix["state"], prefix)
 
     # -- losses --------------------------------------------------------------------------
     def forward(self, etc: dict | None = None, act: dict | None = None, generator=None) -> dict:
@@ -380,23 +387,24 @@ class VLA(nn.Module):
     # -- inference -----------------------------------------------------------------------
     @torch.no_grad()
     def predict_action_chunk(self, images, instructions: list[str], proprio: torch.Tensor,
-                             num_steps: int = 10, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalised action chunks (B, H, D); proprio is normalised too. The prefix runs once."""
+                             num_steps: int | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised action chunks (B, H, D); proprio is normalised too. The prefix runs once;
+        num_steps defaults to the checkpoint's own (10 for a teacher, 1 for a student)."""
         batch = self.batch_from(images, [s if s.endswith("\n") else s + "\n" for s in instructions], proprio.to(self.device))
         return self.sample(batch, num_steps, noise)
 
     @torch.no_grad()
-    def sample(self, batch: dict, num_steps: int = 10, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(self, batch: dict, num_steps: int | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Action chunks for a collated batch: one prefix pass, then num_steps expert passes."""
         B, H, D = batch["input_ids"].shape[0], self.cfg.chunk, self.cfg.action_dim
         if self.cfg.head == "tokens":
             return self.from_bins(self.generate(batch, H * D, actions=True) - self.act0).view(B, H, D)
         prefix = self.prefix(batch)
         x1 = noise if noise is not None else torch.randn(B, H, D, device=self.device)
-        return euler(lambda x, t: self.expert(x, t, prefix["state"], prefix), x1.to(self.device), num_steps)
+        return euler(lambda x, t: self.expert(x, t, prefix["state"], prefix), x1.to(self.device), num_steps or self.cfg.steps)
 
     @torch.no_grad()
-    def act(self, images: torch.Tensor, instructions: list[str], proprio, num_steps: int = 10):
+    def act(self, images: torch.Tensor, instructions: list[str], proprio, num_steps: int | None = None):
         """Control: raw proprio (B, P) -> raw actions (B, H, D) in [-1, 1], via the stats."""
         p, a = self.stats["proprio"], self.stats["actions"]
         proprio = torch.as_tensor((np.asarray(proprio) - p["mean"]) / p["std"], dtype=torch.float32)
@@ -419,8 +427,7 @@ class VLA(nn.Module):
     def generate(self, batch: dict, max_new: int, actions: bool = False) -> torch.Tensor:
         """Greedy decoding with the KV cache. actions=True restricts it to action tokens."""
         ids, att = batch["input_ids"], batch["attention_mask"]
-        B = ids.shape[0]
-        n = att.sum(1)
+        B, n = ids.shape[0], att.sum(1)
         pos = (att.cumsum(1) - 1).clamp(min=0)
         out = self.vlm(input_ids=ids, attention_mask=att, pixel_values=self.pixels(batch["images"]),
                        position_ids=pos, use_cache=True)
@@ -445,12 +452,8 @@ class VLA(nn.Module):
     def answer(self, images, questions: list[str], max_new: int = 32) -> list[str]:
         """Greedy answers to ETC questions, in the prompt format training uses."""
         batch = self.batch_from(images, [f"question: {q}\nanswer: " for q in questions])
-        answers = []
-        for row in self.generate(batch, max_new).tolist():
-            if self.tokenizer.eos_token_id in row:
-                row = row[:row.index(self.tokenizer.eos_token_id)]
-            answers.append(self.tokenizer.decode(row))
-        return answers
+        eos = self.tokenizer.eos_token_id
+        return [self.tokenizer.decode(row[:row.index(eos)] if eos in row else row) for row in self.generate(batch, max_new).tolist()]
 
     # -- checkpoints ---------------------------------------------------------------------
     def save(self, path: str | Path, train_state: dict | None = None):
@@ -478,13 +481,11 @@ def load(path: str | Path, expect: dict | None = None) -> VLA:
     meta = json.loads((path / "config.json").read_text())
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format {meta.get('format')!r})")
-    vla = meta["vla"]
-    vla["feed_layers"] = tuple(vla["feed_layers"])
+    vla = {**meta["vla"], "feed_layers": tuple(meta["vla"]["feed_layers"])}
     for k, v in (expect or {}).items():
         if vla.get(k) != v:
             raise CheckpointError(f"{path} has {k}={vla.get(k)!r}, expected {v!r}: use a matching checkpoint")
-    cfg = VLAConfig(**vla)
-    model = VLA(cfg, PreTrainedTokenizerFast.from_pretrained(path), json.loads((path / "stats.json").read_text()))
+    model = VLA(VLAConfig(**vla), PreTrainedTokenizerFast.from_pretrained(path), json.loads((path / "stats.json").read_text()))
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     except RuntimeError as err:  # shapes differ
