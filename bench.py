@@ -1,16 +1,19 @@
-"""Speed, measured and printed (never asserted): collection frames/s, and the VLA's training
-step and sampling latency beside transformers' PI0ForConditionalGeneration at matched size.
+"""Speed, measured and printed (never asserted): collection frames/s; the VLA's training
+throughput and model FLOP utilisation against a matmul peak measured in the same run; the
+action-head and end-to-end latency of the teacher (10 steps), the SDM and CD students (1)
+and the floor; and transformers' PI0ForConditionalGeneration at matched size beside ours.
 
-    python bench.py              # everything
-    python bench.py --quick      # a smoke run for CI
-    python bench.py --only model # one section: collect | model
+    python bench.py                 # everything; also writes out/bench.md for `eval.py report`
+    python bench.py --quick         # a smoke run (CI)
+    python bench.py --only latency  # one section: collect | model | latency
 
-Every number in the printed table comes from this run on this machine.
+Every number in the printed tables comes from this run on this machine.
 """
 import multiprocessing as mp
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,9 +31,12 @@ class Bench:
     episodes: int = 6  # scripted episodes per task and setting
     sizes: tuple[int, ...] = (64, 84)  # image sizes to time
     workers: tuple[int, ...] = (1, 2)  # process counts to time
-    only: str = ""  # run one section: collect | model
+    only: str = ""  # run one section: collect | model | latency
     batch: int = 16  # training batch for the model section
     repeats: int = 10  # timed repetitions (median reported)
+    teacher: str = "out/stage3"  # latency: checkpoints to time (the tiny random VLA stands in for a missing one)
+    students: tuple[str, ...] = ("out/sdm", "out/cd")
+    out: str | None = "out/bench.md"  # the tables as markdown (None: print only)
 
 
 def pi0_peer(vla: model.VLA, image_size: int | None = None):
@@ -153,15 +159,92 @@ def bench_model(cfg: Bench) -> list[str]:
     return rows
 
 
+def matmul_peak(quick: bool) -> float:
+    """FLOP/s of a large fp32 matmul on this machine now: the ceiling MFU is measured against."""
+    n = 512 if quick else 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n ** 3 / (median_ms(lambda: a @ b, 3 if quick else 10) / 1000)
+
+
+def bench_training(cfg: Bench) -> list[str]:
+    """Training samples/s of a stage-2 step (half ETC, half action samples) and its model FLOP
+    utilisation: FLOPs counted by torch's FlopCounterMode over one step / step time / peak."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    vla = model.VLA(model.VLAConfig())
+    B, reps = (4, 2) if cfg.quick else (32, cfg.repeats)
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(1, 255, (B, 64, 64, 3), dtype=np.uint8))
+    h = B // 2
+    etc = vla.batch_from(images[:h], ["question: where is the gripper?\nanswer: "] * h, answers=["31 40"] * h)
+    act = vla.batch_from(images[h:], ["push the puck to the goal\n"] * (B - h), torch.randn(B - h, 4))
+    act["actions"], act["action_mask"] = torch.randn(B - h, 8, 4), torch.ones(B - h, 8, dtype=torch.bool)
+    opt = torch.optim.AdamW(vla.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model.global_loss(vla(etc=etc, act=act), {"lm": 1.0, "flow": 1.0})[0].backward()
+        opt.step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops, ms, peak = counter.get_total_flops(), median_ms(step, reps), matmul_peak(cfg.quick)
+    return ["| batch | step (ms) | samples/s | GFLOP per step | achieved GFLOP/s | matmul peak GFLOP/s | MFU |",
+            "|---|---|---|---|---|---|---|",
+            f"| {B} | {ms:.0f} | {1000 * B / ms:.0f} | {flops / 1e9:.2f} | {flops / ms / 1e6:.1f} | {peak / 1e9:.1f} | "
+            f"{flops / (ms / 1000) / peak:.1%} |"]
+
+
+def bench_latency(cfg: Bench) -> list[str]:
+    """Per action chunk, batch 1: the action head alone (given the prefix) and end to end (image
+    + text + proprio -> chunk, tokenising included), for the teacher at 10 Euler steps, each
+    student at its 1 step, and the floor: one VLM prefix pass + one expert pass, on tensors."""
+    def get(path):  # latency does not depend on the weights: a missing checkpoint is stood in for
+        if Path(path).is_dir():
+            return path, model.load(path)
+        torch.manual_seed(0)
+        return f"{path} (missing: tiny random VLA)", model.VLA(model.VLAConfig()).eval()
+    reps = 3 if cfg.quick else 5 * cfg.repeats
+    t_name, teacher = get(cfg.teacher)
+    image = torch.from_numpy(np.random.default_rng(0).integers(1, 255, (1, 64, 64, 3), dtype=np.uint8))
+    text, proprio = ["push the puck to the goal"], torch.zeros(1, 4)
+    batch = teacher.batch_from(image, [text[0] + "\n"], proprio)
+    runs = [(f"teacher {t_name}", teacher, 10)] + [(f"student {n}", m, 1) for n, m in map(get, cfg.students)]
+    rows, out = [], {}
+    with torch.no_grad():
+        for name, m, steps in runs:
+            prefix = m.prefix(batch)
+            z = torch.randn(1, m.cfg.chunk, m.cfg.action_dim)
+            head = median_ms(lambda: model.euler(lambda x, t: m.expert(x, t, prefix["state"], prefix), z, steps), reps)
+            e2e = median_ms(lambda: m.predict_action_chunk(image, text, proprio, steps), reps)
+            out[name] = (steps, head, e2e)
+        ones = torch.ones(1)
+        floor = median_ms(lambda: teacher.denoise(z, ones, teacher.prefix(batch)), reps)
+    t_head, t_e2e = out[runs[0][0]][1:]
+    rows += ["| policy | steps | head (ms) | head speed-up | end to end (ms) | end-to-end speed-up | vs floor |",
+             "|---|---|---|---|---|---|---|"]
+    for name, (steps, head, e2e) in out.items():
+        rows.append(f"| {name} | {steps} | {head:.2f} | {t_head / head:.1f}x | {e2e:.2f} | {t_e2e / e2e:.1f}x | {e2e / floor:.2f}x |")
+    rows.append(f"| floor: 1 prefix pass + 1 expert pass | 1 | | | {floor:.2f} | {t_e2e / floor:.1f}x | 1.00x |")
+    return rows
+
+
 def main(cfg: Bench):
-    print(f"machine: {os.cpu_count()} cores, MUJOCO_GL={os.environ.get('MUJOCO_GL')}, "
-          f"torch {torch.__version__}, numpy {np.__version__}")
-    if cfg.only in ("", "collect"):
-        print("\n## Collection (scripted experts, rendering included)\n")
-        print("\n".join(bench_collection(cfg)))
-    if cfg.only in ("", "model"):
-        print("\n## The VLA (tiny, CPU) vs transformers' PI0ForConditionalGeneration\n")
-        print("\n".join(bench_model(cfg)))
+    head = (f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}, numpy {np.__version__}")
+    print(head)
+    sections = dict(collect=("Collection (scripted experts, rendering included)", bench_collection),
+                    model=("The VLA (tiny, CPU) vs transformers' PI0ForConditionalGeneration", bench_model),
+                    training=("Training throughput and model FLOP utilisation", bench_training),
+                    latency=("Inference latency per action chunk, batch 1", bench_latency))
+    md = [head]
+    for key, (title, fn) in sections.items():
+        if cfg.only in ("", key):
+            part = [f"\n#### {title}\n", *fn(cfg)]
+            print("\n".join(part), flush=True)
+            md += part
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text("\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ consistency-distillation (CD) baseline, from the same script.
 
     python distill_sdm.py               # SDM: teacher out/stage3 -> one-step student out/sdm
     python distill_sdm.py --method cd   # the CD baseline (ManiCM-style) -> out/cd
-    python eval.py --ckpt out/sdm       # closed-loop success of a student (one step per chunk)
+    python eval.py success --ckpt out/sdm  # closed-loop success of a student (one step per chunk)
 
 SDM (Jia et al. 2024; DMD / DMD2 for images). Three copies of the teacher's action expert
 share ONE frozen VLM prefix per batch:
@@ -299,7 +299,7 @@ def main(cfg: Config):
     vla.expert, vla.cfg.steps = (ema if ema is not None else student), 1  # the student: the teacher's VLM + the one-step head
     vla.save(out)
     log.close()
-    print(f"saved the one-step student to {out}; evaluate it with `python eval.py --ckpt {out}`")
+    print(f"saved the one-step student to {out}; evaluate it with `python eval.py success --ckpt {out}`")
 
 
 def to(batch: dict, device) -> dict:

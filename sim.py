@@ -394,23 +394,28 @@ def label_phases(hand: np.ndarray, grip: np.ndarray, obj: np.ndarray, contact: n
 
 
 def run_policy(policy, task: str, seeds: list[int], instruction: str, variation: Variation = Variation(),
-               image_size: int = 64, max_steps: int = 200, execute: int = 8) -> list[bool]:
+               image_size: int = 64, max_steps: int = 200, execute: int = 8, frames: list | None = None) -> list[bool]:
     """Closed-loop episodes, one per layout seed; success = Meta-World's success at any step.
 
     policy(image (H, W, 3) uint8, instruction, proprio (4,)) -> actions (K, 4) in [-1, 1];
-    the first `execute` of each chunk are run before asking again (receding horizon)."""
+    the first `execute` of each chunk are run before asking again (receding horizon).
+    frames: if a list, each episode's images (one per step) are appended to it, for GIFs."""
     world, results = World(task, image_size, variation), []
     try:
         for seed in seeds:
             world.seed(seed)
-            success = False
+            success, seen = False, []
             while world.steps < max_steps and not success:
                 chunk = policy(world.render(), instruction, world.proprio())
                 for a in chunk[:execute]:
                     success = world.step(a) or success
+                    if frames is not None:
+                        seen.append(world.render())
                     if success or world.steps >= max_steps:
                         break
             results.append(success)
+            if frames is not None:
+                frames.append(seen)
     finally:
         world.close()
     return results

@@ -1,0 +1,312 @@
+"""Evaluation: closed-loop success, ETC question accuracy, representation drift, the results.
+
+    python eval.py success --ckpt out/stage3                    # target scene, 3 seeds x 10 layouts per task
+    python eval.py success --ckpt out/sdm --object-colors yellow "0,128,255" \\
+        --instruction "push the yellow puck to the green dot"   # any colour, any instruction text
+    python eval.py etc --ckpt out/stage2                        # ETC accuracy per level, held-out frames
+    python eval.py cka --a out/stage1 --b out/stage2            # layer-wise linear CKA between two checkpoints
+    python eval.py report                                       # the results tables from out/eval/ and out/bench.md
+
+Every command writes out/eval/<name>.json (and .md); `report` reads them back, so the README's
+results are produced by `python eval.py report --readme README.md`, never typed by hand.
+"""
+import itertools
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import tyro
+from tqdm import tqdm
+
+import data
+import model
+import sim
+
+
+@dataclass
+class Success:
+    """Closed-loop success over tasks x scene conditions x seeds."""
+    ckpt: str = "out/stage3"  # any checkpoint: a teacher samples with --steps (default its own), a student with 1
+    data: str = "data/target"  # the tasks and the base scene come from this dataset's meta.json
+    tasks: tuple[str, ...] = ()  # () = the dataset's tasks; any of the 50 names
+    object_colors: tuple[str, ...] = ()  # object colours to test, names or "r,g,b"; () = the dataset's
+    table_colors: tuple[str, ...] = ()  # table colours to test, same forms; () = the dataset's
+    camera_jitter: float | None = None  # degrees of random camera offset per episode (default: the dataset's)
+    instruction: str | None = None  # one instruction text for every task; default: the task's own
+    paraphrases: Literal["train", "heldout"] = "train"  # without --instruction: template or held-out paraphrase
+    seeds: tuple[int, ...] = (0, 1, 2)  # evaluation seeds; success is reported as mean +- std over them
+    episodes: int = 10  # fresh layouts per task, condition and seed (never used for collection)
+    steps: int | None = None  # Euler steps per chunk; default the checkpoint's (10 teacher, 1 student)
+    execute: int = 8  # actions run from each chunk before re-planning (receding horizon)
+    max_steps: int = 200  # environment steps per episode
+    workers: int = 2  # processes, each with one environment and a copy of the policy
+    gifs: int = 1  # rollout GIFs per task and condition (from the first seed)
+    name: str | None = None  # results file stem; default: the checkpoint's folder name
+    out: str = "out/eval"
+
+
+@dataclass
+class Etc:
+    """Vision-language retention: ETC question accuracy per level on held-out frames."""
+    ckpt: str = "out/stage3"
+    data: tuple[str, ...] = ("data/source",)  # datasets whose held-out ETC records are asked
+    holdout: int = 10  # every holdout-th episode is held out, as in training
+    limit: int = 300  # records asked (an even spread over the held-out ones)
+    name: str | None = None
+    out: str = "out/eval"
+
+
+@dataclass
+class Cka:
+    """Representation drift: linear CKA per VLM layer between two checkpoints on fixed inputs."""
+    a: str = "out/stage1"
+    b: str = "out/stage2"
+    data: str = "data/source"  # probe frames (held-out episodes) with their ETC questions
+    frames: int = 128
+    name: str | None = None
+    out: str = "out/eval"
+
+
+@dataclass
+class Report:
+    """The results tables (markdown) from out/eval/*.json and bench.py's out/bench.md."""
+    results: str = "out/eval"
+    bench: str = "out/bench.md"
+    readme: str | None = None  # also replace the README's generated section (between its markers)
+
+
+# ----------------------------------------------------------------------------------------
+# Closed-loop success
+POLICY = {}  # per worker process: the loaded checkpoint
+
+
+def init_worker(ckpt: str, steps: int | None):
+    torch.set_num_threads(1)  # one core per worker: the workers are the parallelism
+    POLICY["vla"], POLICY["steps"] = model.load(ckpt), steps
+
+
+def run_job(job: tuple) -> tuple:
+    """One (task, condition, seed) block of episodes -> (job, successes, frames or None)."""
+    task, cond, seed, cfg = job
+    vla, variation = POLICY["vla"], sim.Variation(**cond)
+    text = cfg.instruction or sim.instructions(task, variation.color_word(), cfg.paraphrases)[0]
+    policy = lambda im, ins, p: vla.act(torch.from_numpy(im[None].copy()), [ins], p[None], POLICY["steps"])[0]  # noqa: E731
+    seeds = [data.episode_seed(10_000 + 1000 * seed + k, task, 0) for k in range(cfg.episodes)]
+    frames = [] if seed == cfg.seeds[0] and cfg.gifs else None
+    ok = sim.run_policy(policy, task, seeds, text, variation, vla.cfg.image_size, cfg.max_steps, cfg.execute, frames)
+    return (task, cond, seed), ok, (frames[:cfg.gifs] if frames else None), text
+
+
+def summarise(outcomes: dict) -> dict:
+    """{(task, condition, seed): [success per episode]} -> per (task, condition): the success
+    rate of each seed, their mean and std (over seeds), and the episode count; and the mean
+    over tasks of each condition, its std over seeds of the task-mean."""
+    rows = {}
+    for (task, cond, seed), ok in sorted(outcomes.items()):
+        r = rows.setdefault((task, cond), dict(task=task, condition=cond, per_seed=[], episodes=0))
+        r["per_seed"].append(float(np.mean(ok)))
+        r["episodes"] += len(ok)
+    for r in rows.values():
+        r["mean"], r["std"] = float(np.mean(r["per_seed"])), float(np.std(r["per_seed"]))
+    overall = {}
+    for cond in sorted({c for _, c in rows}):
+        per_seed = np.mean([r["per_seed"] for (t, c), r in rows.items() if c == cond], axis=0)  # (seeds,)
+        overall[cond] = dict(mean=float(per_seed.mean()), std=float(per_seed.std()))
+    return dict(rows=list(rows.values()), overall=overall)
+
+
+def success_markdown(summary: dict, title: str) -> str:
+    lines = [f"**{title}**", "", "| task | condition | success (mean +- std over seeds) | episodes |", "|---|---|---|---|"]
+    for r in summary["rows"]:
+        lines.append(f"| {r['task']} | {r['condition']} | {r['mean']:.2f} +- {r['std']:.2f} | {r['episodes']} |")
+    for cond, o in summary["overall"].items():
+        lines.append(f"| **mean** | {cond} | **{o['mean']:.2f} +- {o['std']:.2f}** | |")
+    return "\n".join(lines) + "\n"
+
+
+def write_gif(path: Path, frames: list[np.ndarray], scale: int = 3):
+    from PIL import Image
+    images = [Image.fromarray(f.repeat(scale, 0).repeat(scale, 1)) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=50, loop=0)
+
+
+def success(cfg: Success) -> dict:
+    for c in cfg.object_colors + cfg.table_colors:
+        sim.parse_color(c)  # an unknown colour or task stops here, with the list of valid ones
+    ds = data.Dataset(cfg.data)
+    tasks = [sim.check_task(t) for t in cfg.tasks] or ds.tasks
+    vla = model.load(cfg.ckpt)  # fails clearly before any worker starts
+    if vla.cfg.image_size != ds.meta["image_size"]:
+        raise model.CheckpointError(f"{cfg.ckpt} takes {vla.cfg.image_size} px images; {cfg.data} has {ds.meta['image_size']} px")
+    base = ds.meta["variation"]
+    conds = [dict(base, object_color=o, table_color=t, camera_jitter=base["camera_jitter"] if cfg.camera_jitter is None else cfg.camera_jitter)
+             for o, t in itertools.product(cfg.object_colors or [base["object_color"]], cfg.table_colors or [base["table_color"]])]
+    label = lambda c: ", ".join(f"{k.split('_')[0]} {v}" for k, v in c.items() if v) or "default"  # noqa: E731
+    jobs = [(t, label(c), s, cfg) for t in tasks for c in conds for s in cfg.seeds]
+    by_label = {label(c): c for c in conds}
+    name = cfg.name or Path(cfg.ckpt).name
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    outcomes, texts = {}, {}
+    ctx = mp.get_context("spawn")  # a fresh interpreter per worker: MuJoCo/EGL state is not fork-safe
+    with ctx.Pool(cfg.workers, init_worker, (cfg.ckpt, cfg.steps)) as pool, tqdm(total=len(jobs) * cfg.episodes, desc=name) as bar:
+        work = [(t, by_label[c], s, cfg) for t, c, s, _ in jobs]
+        for (task, cond, seed), ok, frames, text in pool.imap_unordered(run_job, work):
+            key = (task, label(cond), seed)
+            outcomes[key], texts[task] = ok, text
+            bar.update(len(ok))
+            for i, f in enumerate(frames or []):
+                slug = re.sub(r"[^a-z0-9]+", "-", f"{name} {task} {label(cond)} {i}".lower()).strip("-")
+                write_gif(out / f"{slug}.gif", f)
+    summary = summarise(outcomes)
+    result = dict(kind="success", name=name, ckpt=cfg.ckpt, steps=cfg.steps or vla.cfg.steps,
+                  instructions=texts, config=asdict(cfg), **summary)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    md = success_markdown(summary, f"{name}: {cfg.ckpt}, {result['steps']} step(s) per chunk")
+    (out / f"{name}.md").write_text(md)
+    print(md)
+    return result
+
+
+# ----------------------------------------------------------------------------------------
+# ETC accuracy and representation drift
+def etc(cfg: Etc) -> dict:
+    vla = model.load(cfg.ckpt)
+    recs = []
+    for path in cfg.data:
+        ds = data.Dataset(path, image_size=vla.cfg.image_size)
+        recs += [(ds, r) for r in data.read_etc(ds.path / "etc.jsonl") if data.held_out(r, cfg.holdout)]
+    if not recs:
+        raise data.DataError(f"no held-out ETC records in {cfg.data} (every {cfg.holdout}th episode); lower --holdout")
+    recs = recs[::max(1, len(recs) // cfg.limit)][:cfg.limit]
+    scores = vla.etc_scores(recs)
+    name = cfg.name or f"etc_{Path(cfg.ckpt).name}"
+    result = dict(kind="etc", name=name, ckpt=cfg.ckpt, records=len(recs), scores=scores, config=asdict(cfg))
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / f"{name}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["scores"]))
+    return result
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA (Kornblith et al. 2019) of two representations of the same n inputs,
+    x: (n, d1), y: (n, d2):  ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) after centring the
+    columns. 1 for the same representation up to rotation and scale; ~0 for unrelated ones."""
+    x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    return float((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+@torch.no_grad()
+def hidden_states(vla: model.VLA, batch: dict) -> list[torch.Tensor]:
+    """Per VLM text layer (embeddings first), the states of every real token: (n_tokens, width)."""
+    out = vla.vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  pixel_values=vla.pixels(batch["images"]), output_hidden_states=True)
+    keep = batch["attention_mask"].bool()
+    return [h[keep].float() for h in out.hidden_states]
+
+
+def cka(cfg: Cka) -> dict:
+    a, b = model.load(cfg.a), model.load(cfg.b)
+    ds = data.Dataset(cfg.data, image_size=a.cfg.image_size)
+    recs = [r for r in data.read_etc(ds.path / "etc.jsonl") if data.held_out(r, 10)]
+    recs = recs[::max(1, len(recs) // cfg.frames)][:cfg.frames]
+    if not recs:
+        raise data.DataError(f"{cfg.data} has no held-out ETC records to probe with; run `python data.py etc --data {cfg.data}`")
+    samples = [data.etc_sample(ds, r) for r in recs]
+    for s in samples:
+        s.pop("answer")  # the probe is the question prompt, identical for both models
+    batch = data.collate(samples, a.tokenizer, a.image_ids)
+    layers = [linear_cka(x, y) for x, y in zip(hidden_states(a, batch), hidden_states(b, batch))]
+    name = cfg.name or f"cka_{Path(cfg.a).name}_{Path(cfg.b).name}"
+    result = dict(kind="cka", name=name, a=cfg.a, b=cfg.b, frames=len(recs), layers=layers, config=asdict(cfg))
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / f"{name}.json").write_text(json.dumps(result, indent=1))
+    print(name, " ".join(f"{v:.3f}" for v in layers))
+    return result
+
+
+# ----------------------------------------------------------------------------------------
+# The results section of the README
+FILES = {  # the file map: each file's one concept
+    "sim.py": "the robot world: Meta-World, fast renderer, projection, experts, instructions, scene variations",
+    "data.py": "demonstrations on disk, ETC generation, the ETC/action mixing sampler, collation",
+    "model.py": "the VLA: Hugging Face VLM + flow action expert or action tokens; denoiser interface; save/load",
+    "train_etc.py": "stage 1, Distribution Bridging",
+    "train_vla.py": "stage 2 Objective Bridging, stage 3 Retentive Adaptation, and the baselines",
+    "distill_sdm.py": "SDM dual-teacher distillation to one step; the CD baseline",
+    "eval.py": "closed-loop success, ETC accuracy, CKA drift, these tables",
+    "bench.py": "speed: training throughput and MFU, latency, peer timing, collection",
+}
+MARK = ("<!-- results: generated by `python eval.py report --readme README.md` -->", "<!-- end of results -->")
+
+
+def report_markdown(cfg: Report) -> str:
+    res = [json.loads(p.read_text()) for p in sorted(Path(cfg.results).glob("*.json"))]
+    out = []
+    succ = [r for r in res if r["kind"] == "success"]
+    if succ:
+        tasks = sorted({row["task"] for r in succ for row in r["rows"]})
+        out += ["**Closed-loop success** (Meta-World success at any step; mean +- std over evaluation seeds)", "",
+                "| run | checkpoint | steps/chunk | condition | " + " | ".join(tasks) + " | mean |",
+                "|---" * (5 + len(tasks)) + "|"]
+        for r in succ:
+            for cond, o in r["overall"].items():
+                cell = {row["task"]: f"{row['mean']:.2f}" for row in r["rows"] if row["condition"] == cond}
+                out.append(f"| {r['name']} | {r['ckpt']} | {r['steps']} | {cond} | "
+                           + " | ".join(cell.get(t, "") for t in tasks) + f" | **{o['mean']:.2f} +- {o['std']:.2f}** |")
+        eps = sorted({row["episodes"] for r in succ for row in r["rows"]})
+        out += ["", f"Episodes per task and condition: {', '.join(map(str, eps))}.", ""]
+    etcs = [r for r in res if r["kind"] == "etc"]
+    if etcs:
+        out += ["**ETC question accuracy** on held-out episodes (words exact, points within 4 px)", "",
+                "| checkpoint | " + " | ".join(data.LEVELS) + " | records |", "|---" * (len(data.LEVELS) + 2) + "|"]
+        out += [f"| {r['ckpt']} | " + " | ".join(f"{r['scores'].get(lv, float('nan')):.2f}" for lv in data.LEVELS)
+                + f" | {r['records']} |" for r in etcs]
+        out.append("")
+    for r in (r for r in res if r["kind"] == "cka"):
+        out += [f"**Representation drift**, linear CKA per VLM layer (embeddings first), {r['a']} vs {r['b']}, "
+                f"{r['frames']} held-out frames: " + ", ".join(f"{v:.3f}" for v in r["layers"]), ""]
+    bench = Path(cfg.bench)
+    if bench.is_file():
+        out += ["**Speed** (`python bench.py`)", "", bench.read_text().strip(), ""]
+    root = Path(__file__).resolve().parent
+    lines = {f: len((root / f).read_text().splitlines()) for f in FILES if (root / f).is_file()}
+    tests = sum(len(p.read_text().splitlines()) for p in (root / "tests").glob("*.py"))
+    out += ["**File map**", "", "| file | lines | concept |", "|---|---|---|"]
+    out += [f"| `{f}` | {n} | {FILES[f]} |" for f, n in lines.items()]
+    out += [f"| `tests/` | {tests} | pytest |", f"| core total | {sum(lines.values())} | |"]
+    return "\n".join(out) + "\n"
+
+
+def report(cfg: Report) -> str:
+    md = report_markdown(cfg)
+    if cfg.readme:
+        path = Path(cfg.readme)
+        text = path.read_text()
+        if MARK[0] not in text or MARK[1] not in text:
+            raise data.DataError(f"{path} has no generated section; add the two marker lines {MARK} where it goes")
+        head, rest = text.split(MARK[0], 1)
+        path.write_text(head + MARK[0] + "\n" + md + rest[rest.index(MARK[1]):])
+    print(md)
+    return md
+
+
+def main():
+    cmd = tyro.extras.subcommand_cli_from_dict(dict(success=Success, etc=Etc, cka=Cka, report=Report))
+    try:
+        {Success: success, Etc: etc, Cka: cka, Report: report}[type(cmd)](cmd)
+    except ValueError as err:  # a missing or mismatched checkpoint or dataset, an unknown task or colour
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,65 @@
+"""eval.py: success counting, the JSON/markdown writers, CKA, rollouts under any colour and text."""
+import json
+
+import pytest
+import torch
+
+import data
+import eval as ev
+import model
+
+
+def test_success_is_counted_per_seed_and_summarised_over_seeds():
+    outcomes = {("reach", "default", 0): [True, True, False, False], ("reach", "default", 1): [True, True, True, True],
+                ("push", "default", 0): [False] * 4, ("push", "default", 1): [True, False, False, False]}
+    s = ev.summarise(outcomes)
+    reach = next(r for r in s["rows"] if r["task"] == "reach")
+    assert reach["per_seed"] == [0.5, 1.0] and reach["mean"] == 0.75 and reach["std"] == 0.25 and reach["episodes"] == 8
+    # over tasks, per seed: seed 0 (0.5 + 0) / 2, seed 1 (1 + 0.25) / 2 -> mean 0.4375, std 0.1875
+    assert s["overall"]["default"] == dict(mean=0.4375, std=0.1875)
+    md = ev.success_markdown(s, "title")
+    assert "| reach | default | 0.75 +- 0.25 | 8 |" in md and "**0.44 +- 0.19**" in md
+
+
+def test_cka_is_one_for_itself_and_rotations_and_near_zero_for_noise():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 16, generator=g) @ torch.randn(16, 16, generator=g)  # correlated features
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    assert ev.linear_cka(x, x) == pytest.approx(1.0, abs=1e-9)
+    assert ev.linear_cka(x, 3.0 * x @ q + 5.0) == pytest.approx(1.0, abs=1e-9)  # rotation, scale and shift
+    assert ev.linear_cka(x, torch.randn(2000, 16, generator=g)) < 0.05
+
+
+def test_rollouts_accept_any_colour_and_instruction_and_write_results(dataset_path, tmp_path):
+    torch.manual_seed(0)
+    vla = model.VLA(model.VLAConfig(), stats=data.Dataset(dataset_path).meta["stats"])
+    vla.save(tmp_path / "policy")
+    cfg = ev.Success(ckpt=str(tmp_path / "policy"), data=str(dataset_path), tasks=("reach",),
+                     object_colors=("0,128,255",), table_colors=("white", "purple"), instruction="touch the cyan dot",
+                     seeds=(0, 1), episodes=1, max_steps=16, workers=1, out=str(tmp_path / "eval"), name="run")
+    result = ev.success(cfg)
+    assert result["instructions"] == {"reach": "touch the cyan dot"} and result["steps"] == 10
+    assert {r["condition"] for r in result["rows"]} == {"object 0,128,255, table white", "object 0,128,255, table purple"}
+    assert all(r["episodes"] == 2 and len(r["per_seed"]) == 2 for r in result["rows"])
+    assert json.loads((tmp_path / "eval" / "run.json").read_text())["rows"] == result["rows"]
+    assert (tmp_path / "eval" / "run.md").read_text().count("| reach |") == 2
+    assert len(list((tmp_path / "eval").glob("*.gif"))) == 2  # one per condition, from the first seed
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{ev.MARK[0]}\nold\n{ev.MARK[1]}\noutro\n")
+    ev.report(ev.Report(results=str(tmp_path / "eval"), bench=str(tmp_path / "none.md"), readme=str(readme)))
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{ev.MARK[1]}\noutro\n") and "old" not in text
+    assert "| run | " in text and "`eval.py`" in text  # the success table and the file map
+
+
+def test_bad_input_stops_clearly(dataset_path, tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown colour 'bleu'"):
+        ev.success(ev.Success(ckpt=str(tmp_path / "none"), data=str(dataset_path), object_colors=("bleu",)))
+    with pytest.raises(model.CheckpointError, match="no checkpoint"):
+        ev.etc(ev.Etc(ckpt=str(tmp_path / "none")))
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="marker"):
+        ev.report(ev.Report(results=str(tmp_path), readme=str(readme)))
+    assert readme.read_text() == "no markers\n"
