@@ -265,9 +265,11 @@ def report_markdown(cfg: Report) -> str:
         out += ["", f"Episodes per task and condition: {', '.join(map(str, eps))}.", ""]
     etcs = [r for r in res if r["kind"] == "etc"]
     if etcs:
-        out += ["**ETC question accuracy** on held-out episodes (words exact, points within 4 px)", "",
+        cell = lambda s: f"{s['acc']:.2f} ({s['px_err']:.1f} px)" if s.get("px_err") is not None else f"{s['acc']:.2f}"  # noqa: E731
+        out += ["**ETC question accuracy** on held-out episodes: words exact, points within 4 px "
+                "(median pixel error of the coordinate answers)", "",
                 "| checkpoint | " + " | ".join(data.LEVELS) + " | records |", "|---" * (len(data.LEVELS) + 2) + "|"]
-        out += [f"| {r['ckpt']} | " + " | ".join(f"{r['scores'].get(lv, float('nan')):.2f}" for lv in data.LEVELS)
+        out += [f"| {r['ckpt']} | " + " | ".join(cell(r["scores"][lv]) if lv in r["scores"] else "" for lv in data.LEVELS)
                 + f" | {r['records']} |" for r in etcs]
         out.append("")
     for r in (r for r in res if r["kind"] == "cka"):

@@ -112,13 +112,16 @@ def test_one_step_generator_covers_every_mode_where_regression_to_the_mean_does_
     assert near.sum() < 0.01  # it learns the mixture's mean, which lies on no mode
 
 
-@pytest.mark.parametrize("method", ["sdm", "cd"])
-def test_distillation_writes_a_one_step_checkpoint(method, dataset_path, tmp_path):
+OPTIONS = dict(gan_weight=3e-3, regress_weight=0.25, ema=0.9, normaliser="sdm", t_sampling="range")
+
+
+@pytest.mark.parametrize("method,options", [("sdm", {}), ("cd", {}), ("sdm", OPTIONS)], ids=["sdm", "cd", "sdm-options"])
+def test_distillation_writes_a_one_step_checkpoint(method, options, dataset_path, tmp_path):
     torch.manual_seed(0)
     teacher = model.VLA(model.VLAConfig(), stats=data.Dataset(dataset_path).meta["stats"])
     teacher.save(tmp_path / "teacher")
     sdm.main(sdm.Config(method=method, teacher=str(tmp_path / "teacher"), data=(str(dataset_path),),
-                        out=str(tmp_path / method), steps=3, batch=4, fake_updates=2, log_every=1, eval_every=2))
+                        out=str(tmp_path / method), steps=3, batch=4, fake_updates=2, log_every=1, eval_every=2, **options))
     student = model.load(tmp_path / method)
     assert student.cfg.steps == 1
     moved = [n for (n, a), b in zip(teacher.expert.state_dict().items(), student.expert.state_dict().values())

@@ -30,7 +30,7 @@ def test_cka_is_one_for_itself_and_rotations_and_near_zero_for_noise():
     assert ev.linear_cka(x, torch.randn(2000, 16, generator=g)) < 0.05
 
 
-def test_rollouts_accept_any_colour_and_instruction_and_write_results(dataset_path, tmp_path):
+def test_rollouts_accept_any_colour_and_instruction_and_write_results(dataset_path, etc_path, tmp_path):
     torch.manual_seed(0)
     vla = model.VLA(model.VLAConfig(), stats=data.Dataset(dataset_path).meta["stats"])
     vla.save(tmp_path / "policy")
@@ -45,12 +45,14 @@ def test_rollouts_accept_any_colour_and_instruction_and_write_results(dataset_pa
     assert (tmp_path / "eval" / "run.md").read_text().count("| reach |") == 2
     assert len(list((tmp_path / "eval").glob("*.gif"))) == 2  # one per condition, from the first seed
 
+    scores = ev.etc(ev.Etc(ckpt=str(tmp_path / "policy"), data=(str(etc_path),), holdout=2, limit=12, out=str(tmp_path / "eval")))
+    assert scores["records"] == 12 and set(scores["scores"]) <= {"scene", "task", "planning"}
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{ev.MARK[0]}\nold\n{ev.MARK[1]}\noutro\n")
     ev.report(ev.Report(results=str(tmp_path / "eval"), bench=str(tmp_path / "none.md"), readme=str(readme)))
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith(f"{ev.MARK[1]}\noutro\n") and "old" not in text
-    assert "| run | " in text and "`eval.py`" in text  # the success table and the file map
+    assert "| run | " in text and "| scene | task | planning |" in text and "`eval.py`" in text  # success, ETC, file map
 
 
 def test_bad_input_stops_clearly(dataset_path, tmp_path, capsys):
@@ -63,3 +65,14 @@ def test_bad_input_stops_clearly(dataset_path, tmp_path, capsys):
     with pytest.raises(ValueError, match="marker"):
         ev.report(ev.Report(results=str(tmp_path), readme=str(readme)))
     assert readme.read_text() == "no markers\n"
+
+
+def test_bench_quick_mode_prints_every_table(tmp_path):
+    import bench
+    out = tmp_path / "bench.md"
+    bench.main(bench.Bench(quick=True, sizes=(64,), workers=(1,), teacher=str(tmp_path / "none"), students=(), out=str(out)))
+    text = out.read_text()
+    for title in ("Collection", "PI0ForConditionalGeneration", "model FLOP utilisation", "Inference latency"):
+        assert title in text
+    mfu = float(text.split("| MFU |")[1].split("\n")[2].split("|")[-2].strip().rstrip("%"))
+    assert 0 < mfu < 100  # a measured fraction of a peak measured in the same run
