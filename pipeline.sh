@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole bridgevla pipeline on the tiny CPU default (about 45 minutes on 2 cores). Each step
+# The whole bridgevla pipeline on the tiny CPU default (about 50 minutes on 2 cores). Each step
 # writes under data/ or out/ and is skipped when its output exists; OVERWRITE=1 redoes all.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,6 +26,10 @@ have out/stage1 || run python train_etc.py $OW
 have out/stage2 || run python train_vla.py --stage 2 $OW
 have out/stage3 || run python train_vla.py --stage 3 $OW
 
+# 4b. The retention baseline: stage 2 with actions only (no ETC co-training), from the same stage 1.
+have out/stage2_action_only || run python train_vla.py --stage 2 --etc-start 0 --etc-end 0 \
+    --out out/stage2_action_only --eval-episodes 0 $OW
+
 # 5. One-step students of the stage-3 teacher: SDM (dual teacher) and the CD baseline.
 have out/sdm || run python distill_sdm.py $OW
 have out/cd || run python distill_sdm.py --method cd $OW
@@ -34,15 +38,17 @@ have out/cd || run python distill_sdm.py --method cd $OW
 #    The stage-3 teacher also at 1 step: what one step gives without distillation.
 E="python eval.py success"
 have out/eval/stage2.json || run $E --ckpt out/stage2 --data data/source --name stage2
+have out/eval/stage2_action_only.json || run $E --ckpt out/stage2_action_only --data data/source --name stage2_action_only
 have out/eval/stage3.json || run $E --ckpt out/stage3 --name stage3
 have out/eval/stage3_ood.json || run $E --ckpt out/stage3 --object-colors yellow --paraphrases heldout --name stage3_ood
 have out/eval/stage3_1step.json || run $E --ckpt out/stage3 --steps 1 --name stage3_1step
 have out/eval/sdm.json || run $E --ckpt out/sdm --name sdm
 have out/eval/cd.json || run $E --ckpt out/cd --name cd
-for s in stage1 stage2 stage3; do
+for s in stage1 stage2 stage2_action_only stage3; do
   have out/eval/etc_$s.json || run python eval.py etc --ckpt out/$s
 done
 have out/eval/cka_stage1_stage2.json || run python eval.py cka --a out/stage1 --b out/stage2
+have out/eval/cka_stage1_stage2_action_only.json || run python eval.py cka --a out/stage1 --b out/stage2_action_only
 have out/eval/cka_stage1_stage3.json || run python eval.py cka --a out/stage1 --b out/stage3
 have out/bench.md || run python bench.py
 
