@@ -131,6 +131,12 @@ def success_markdown(summary: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_result(out: Path, result: dict):
+    """out/<name>.json: what `report` reads back."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{result['name']}.json").write_text(json.dumps(result, indent=1))
+
+
 def write_gif(path: Path, frames: list[np.ndarray], scale: int = 3):
     from PIL import Image
     images = [Image.fromarray(f.repeat(scale, 0).repeat(scale, 1)) for f in frames]
@@ -168,7 +174,7 @@ def success(cfg: Success) -> dict:
     summary = summarise(outcomes)
     result = dict(kind="success", name=name, ckpt=cfg.ckpt, steps=cfg.steps or vla.cfg.steps,
                   instructions=texts, config=asdict(cfg), **summary)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    write_result(out, result)
     md = success_markdown(summary, f"{name}: {cfg.ckpt}, {result['steps']} step(s) per chunk")
     (out / f"{name}.md").write_text(md)
     print(md)
@@ -189,8 +195,7 @@ def etc(cfg: Etc) -> dict:
     scores = vla.etc_scores(recs)
     name = cfg.name or f"etc_{Path(cfg.ckpt).name}"
     result = dict(kind="etc", name=name, ckpt=cfg.ckpt, records=len(recs), scores=scores, config=asdict(cfg))
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out) / f"{name}.json").write_text(json.dumps(result, indent=1))
+    write_result(Path(cfg.out), result)
     print(json.dumps(result["scores"]))
     return result
 
@@ -226,8 +231,7 @@ def cka(cfg: Cka) -> dict:
     layers = [linear_cka(x, y) for x, y in zip(hidden_states(a, batch), hidden_states(b, batch))]
     name = cfg.name or f"cka_{Path(cfg.a).name}_{Path(cfg.b).name}"
     result = dict(kind="cka", name=name, a=cfg.a, b=cfg.b, frames=len(recs), layers=layers, config=asdict(cfg))
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out) / f"{name}.json").write_text(json.dumps(result, indent=1))
+    write_result(Path(cfg.out), result)
     print(name, " ".join(f"{v:.3f}" for v in layers))
     return result
 
