@@ -19,9 +19,7 @@ import numpy as np
 import torch
 import tyro
 
-import data
-import model
-import sim
+import model  # sim, data and etc are imported where needed: `import bench` (pi0_peer, for the model tests) starts no MuJoCo
 
 
 @dataclass
@@ -64,8 +62,26 @@ def pi0_peer(vla: model.VLA, image_size: int | None = None):
     return PI0ForConditionalGeneration(cfg)
 
 
+def tiny_vla(stats: dict | None = None) -> model.VLA:
+    """The default tiny VLA, its tokenizer trained on the project's texts as in training."""
+    import etc
+    torch.manual_seed(0)
+    return model.VLA(model.VLAConfig(), stats=stats, corpus=etc.corpus())
+
+
+def observations(vla: model.VLA, images: torch.Tensor, texts: list[str], proprio=None, answers=None) -> dict:
+    """A collated batch, as training and the policy make it (tokenising included)."""
+    import data
+    samples = [dict(image=im, text=t) for im, t in zip(images.numpy(), texts)]
+    for i, s in enumerate(samples):
+        s.update({} if proprio is None else dict(proprio=proprio[i].numpy()), **({} if answers is None else dict(answer=answers[i])))
+    return data.collate(samples, vla.tokenizer, vla.image_ids)
+
+
 def collection_rate(tasks: list[str], episodes: int, size: int, workers: int) -> tuple[int, float]:
     """(frames, seconds) for scripted episodes in `workers` warm processes (start-up excluded)."""
+    import data
+    import sim
     jobs = [(t, data.episode_seed(0, t, k), size, sim.Variation(), False, 300, 8)
             for t in tasks for k in range(episodes)]
     with mp.get_context("spawn").Pool(workers) as pool:
@@ -106,13 +122,12 @@ def bench_model(cfg: Bench) -> list[str]:
     """Our tiny VLA vs transformers' PI0 at matched size, same batch and prompt text. The
     peer runs twice: on our 64 px images (64 image tokens, no pixel shuffle) and on 32 px
     images (16 image tokens, as many as ours)."""
-    torch.manual_seed(0)
-    vla = model.VLA(model.VLAConfig())
+    vla = tiny_vla()
     B, reps = (2, 2) if cfg.quick else (cfg.batch, cfg.repeats)
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.integers(1, 255, (B, 64, 64, 3), dtype=np.uint8))
     text = ["push the puck to the goal\n"] * B  # a typical instruction
-    batch = vla.batch_from(images, text, torch.randn(B, 4))
+    batch = observations(vla, images, text, torch.randn(B, 4))
     batch["actions"], batch["action_mask"] = torch.randn(B, 8, 4), torch.ones(B, 8, dtype=torch.bool)
     prompt = vla.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
 
@@ -138,7 +153,7 @@ def bench_model(cfg: Bench) -> list[str]:
         vc = peer.config.vlm_config
         n_img = (size // vc.vision_config.patch_size) ** 2
         ids = torch.cat([torch.full((B, n_img), vc.image_token_id), prompt], 1)
-        pixels = torch.nn.functional.interpolate(vla.pixels(images)[:, 0], size=(size, size))[:, None]
+        pixels = torch.nn.functional.interpolate(model.pixels(vla.vlm, images)[:, 0], size=(size, size))[:, None]
         pin = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
                    pixel_attention_mask=torch.ones(B, 1, dtype=torch.bool), state=batch["proprio"])
         pone = {k: v[:1] for k, v in pin.items()}
@@ -155,7 +170,7 @@ def bench_model(cfg: Bench) -> list[str]:
         vals = [c[i] for c in cols]
         rows.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in vals) +
                     f" | {vals[0] / vals[1]:.2f} | {vals[0] / vals[2]:.2f} |")
-    rows.append(f"| train samples/s | " + " | ".join(f"{1000 * B / c[0]:.0f}" for c in cols) + " | | |")
+    rows.append("| train samples/s | " + " | ".join(f"{1000 * B / c[0]:.0f}" for c in cols) + " | | |")
     return rows
 
 
@@ -170,14 +185,13 @@ def bench_training(cfg: Bench) -> list[str]:
     """Training samples/s of a stage-2 step (half ETC, half action samples) and its model FLOP
     utilisation: FLOPs counted by torch's FlopCounterMode over one step / step time / peak."""
     from torch.utils.flop_counter import FlopCounterMode
-    torch.manual_seed(0)
-    vla = model.VLA(model.VLAConfig())
+    vla = tiny_vla()
     B, reps = (4, 2) if cfg.quick else (32, cfg.repeats)
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.integers(1, 255, (B, 64, 64, 3), dtype=np.uint8))
     h = B // 2
-    etc = vla.batch_from(images[:h], ["question: where is the gripper?\nanswer: "] * h, answers=["31 40"] * h)
-    act = vla.batch_from(images[h:], ["push the puck to the goal\n"] * (B - h), torch.randn(B - h, 4))
+    etc = observations(vla, images[:h], ["question: where is the gripper?\nanswer: "] * h, answers=["31 40"] * h)
+    act = observations(vla, images[h:], ["push the puck to the goal\n"] * (B - h), torch.randn(B - h, 4))
     act["actions"], act["action_mask"] = torch.randn(B - h, 8, 4), torch.ones(B - h, 8, dtype=torch.bool)
     opt = torch.optim.AdamW(vla.parameters(), lr=1e-4)
 
@@ -201,21 +215,20 @@ def bench_latency(cfg: Bench) -> list[str]:
     def get(path):  # latency does not depend on the weights: a missing checkpoint is stood in for
         if Path(path).is_dir():
             return path, model.load(path)
-        torch.manual_seed(0)
-        return f"{path} (missing: tiny random VLA)", model.VLA(model.VLAConfig()).eval()
+        return f"{path} (missing: tiny random VLA)", tiny_vla().eval()
     reps = 3 if cfg.quick else 5 * cfg.repeats
     t_name, teacher = get(cfg.teacher)
     image = torch.from_numpy(np.random.default_rng(0).integers(1, 255, (1, 64, 64, 3), dtype=np.uint8))
-    text, proprio = ["push the puck to the goal"], torch.zeros(1, 4)
-    batch = teacher.batch_from(image, [text[0] + "\n"], proprio)
+    text, proprio = ["push the puck to the goal\n"], torch.zeros(1, 4)
+    batch = observations(teacher, image, text, proprio)
     runs = [(f"teacher {t_name}", teacher, 10)] + [(f"student {n}", m, 1) for n, m in map(get, cfg.students)]
     rows, out = [], {}
     with torch.no_grad():
         for name, m, steps in runs:
-            prefix = m.prefix(batch)
+            projected = m.expert.project(m.prefix(batch))
             z = torch.randn(1, m.cfg.chunk, m.cfg.action_dim)
-            head = median_ms(lambda: model.euler(lambda x, t: m.expert(x, t, prefix["state"], prefix), z, steps), reps)
-            e2e = median_ms(lambda: m.predict_action_chunk(image, text, proprio, steps), reps)
+            head = median_ms(lambda: model.euler(lambda x, t: m.expert(x, t, projected), z, steps), reps)
+            e2e = median_ms(lambda: m.sample(observations(m, image, text, proprio), steps), reps)
             out[name] = (steps, head, e2e)
         ones = torch.ones(1)
         floor = median_ms(lambda: teacher.denoise(z, ones, teacher.prefix(batch)), reps)

@@ -1,17 +1,17 @@
-"""Demonstrations -> dataset on disk; ETC records from the same trajectories; the sampler that
-mixes ETC and action batches on a schedule; prompt formatting and collation.
+"""Demonstrations -> dataset on disk; loading and normalisation; action samples; the sampler
+that mixes ETC and action samples into batches on a schedule; collation into token ids.
 
     python data.py collect --tasks reach push --episodes 30 --out data/source
-    python data.py etc --data data/source          # -> data/source/etc.jsonl
+    python etc.py --data data/source               # its ETC records (etc.py) -> data/source/etc.jsonl
 
-On disk: data/<name>/meta.json, data/<name>/<task>/<array>.npy (one row per frame; loaded
-memory-mapped) and data/<name>/etc.jsonl (one question/answer per line, frame references).
-A dataset collected with --no-actions (novel scenes for OOD ETC) stores no action labels.
+On disk: data/<name>/meta.json and data/<name>/<task>/<array>.npy (one row per frame; loaded
+memory-mapped). A dataset collected with --no-actions (novel scenes for OOD ETC) stores no
+action labels. ETC lives in etc.py, which builds on this file; this file never imports it:
+the mixer takes any sample source with `levels`, `len()` and `source(j) -> sample`.
 """
 import json
 import math
 import multiprocessing as mp
-import re
 import shutil
 import sys
 import tempfile
@@ -28,10 +28,8 @@ from tqdm import tqdm
 import sim
 
 FORMAT_VERSION = 1
-LEVELS = ("scene", "task", "planning")  # the paper's three ETC levels
 ARRAYS = ("images", "proprio", "episode", "step", "hand", "objects", "goal", "hand_px",
-          "objects_px", "goal_px", "objects_box", "hand_box", "phase", "success", "contact", "grip", "camera")
-PHASES = ("approach", "grasp", "lift", "move to goal", "release", "push", "pull", "done")
+          "objects_px", "goal_px", "objects_box", "hand_box", "success", "contact", "grip", "camera")
 
 
 class DataError(ValueError):
@@ -59,6 +57,12 @@ class Collect:
 def episode_seed(seed: int, task: str, k: int) -> int:
     """Attempt k of a task: a layout seed independent of worker count and of other tasks."""
     return int(np.random.SeedSequence([seed, sim.TASKS.index(task), k]).generate_state(1)[0])
+
+
+def eval_seeds(task: str, seed: int, episodes: int) -> list[int]:
+    """Evaluation layouts: evaluation seed `seed`'s block, never used for collection (its
+    seeds start at 10,000), the same for every checkpoint."""
+    return [episode_seed(10_000 + 1000 * seed + k, task, 0) for k in range(episodes)]
 
 
 _WORLDS: dict = {}  # per process: the World of the current task, reused across episodes
@@ -98,9 +102,7 @@ def run_episode(job: tuple) -> dict | None:
     if not success:
         return None
     ep = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    ep["grip"] = ep["actions"][:, 3]
-    ep["phase"] = np.array([PHASES.index(p) for p in sim.label_phases(
-        ep["hand"], ep["grip"], ep["objects"][:, 0], ep["contact"], ep["success"], task)], dtype=np.int8)
+    ep["grip"] = ep["actions"][:, 3]  # kept with --no-actions too: ETC's phases need it
     if wrist:  # render() gave (scene, wrist) pairs
         ep["wrist"], ep["images"] = ep["images"][:, 1], ep["images"][:, 0]
     return ep
@@ -146,7 +148,7 @@ def collect(cfg: Collect) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     meta = dict(format_version=FORMAT_VERSION, tasks={}, image_size=cfg.image_size,
                 has_actions=cfg.actions, variation=asdict(cfg.variation), color=color,
-                camera=asdict(sim.Camera()), wrist=cfg.wrist, seed=cfg.seed, phases=PHASES)
+                camera=asdict(sim.Camera()), wrist=cfg.wrist, seed=cfg.seed)
     # spawned workers: fresh processes, no OpenGL state inherited through fork
     pool = mp.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else None
     try:
@@ -234,190 +236,15 @@ class Dataset:
 
 
 # ----------------------------------------------------------------------------------------
-# ETC: embodied trajectory-coupled question/answer records, exact from the simulator state
-def pt(uv) -> str:
-    return f"{int(uv[0])} {int(uv[1])}"  # pixel index containing the point
-
-
-def inside(uv, size: int) -> bool:
-    return bool(0 <= uv[0] < size and 0 <= uv[1] < size)
-
-
-def camera_axes(cam_row: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(right, up, forward) unit vectors of the camera stored per frame."""
-    cam = sim.Camera(tuple(cam_row[:3]), *cam_row[3:])
-    _, fwd, up = sim.camera_pose(cam)
-    return np.cross(fwd, up), up, fwd
-
-
-def relation(hand: np.ndarray, obj: np.ndarray, cam_row: np.ndarray, tol: float = 0.01) -> str:
-    """Where the gripper is relative to the object, as the camera sees it."""
-    right, _, fwd = camera_axes(cam_row)
-    d = hand - obj
-    side = "left" if d @ right < -tol else "right" if d @ right > tol else "aligned"
-    height = "above" if d[2] > tol else "below" if d[2] < -tol else "level"
-    depth = "in front" if d @ fwd < -tol else "behind" if d @ fwd > tol else "level"
-    return f"{side}, {height}, {depth}"
-
-
-def motion(hand: np.ndarray, grip: np.ndarray, t: int, cam_row: np.ndarray, h: int = 5) -> str:
-    """The gripper's dominant move over the next h steps (camera frame), and a grip change."""
-    right, _, fwd = camera_axes(cam_row)
-    e = min(t + h, len(hand) - 1)
-    d = hand[e] - hand[t]
-    comps = {"right": d @ right, "up": d[2], "away from the camera": d @ fwd}
-    name, v = max(comps.items(), key=lambda kv: abs(kv[1]))
-    opposite = {"right": "left", "up": "down", "away from the camera": "toward the camera"}
-    move = "stay" if np.linalg.norm(d) < 0.01 else (name if v > 0 else opposite[name])
-    closing = grip[t:e + 1] > 0
-    if closing.any() != closing.all():
-        move += " and " + ("close" if closing[-1] else "open") + " the gripper"
-    return move
-
-
-def etc_for_frame(a: dict, i: int, frames: np.ndarray, task: str, nouns: list[str],
-                  color: str | None, instruction: str, size: int) -> list[tuple[str, str, str, str]]:
-    """(level, kind, question, answer) for frame i of the episode whose frames are `frames`.
-
-    a: the task's arrays; nouns: its objects, main first, colour word included if varied."""
-    box = lambda b: f"{pt(b[:2])} {pt(b[2:])}"  # noqa: E731
-    out = []
-    # scene grounding: where things are, the gripper's state, the object's colour
-    for k, noun in enumerate(nouns):
-        if inside(a["objects_px"][i, k], size):
-            out += [("scene", "point", f"where is the {noun}?", pt(a["objects_px"][i, k])),
-                    ("scene", "box", f"locate the {noun}", box(a["objects_box"][i, k]))]
-    if inside(a["hand_px"][i], size):
-        out += [("scene", "point", "where is the gripper?", pt(a["hand_px"][i])),
-                ("scene", "box", "locate the gripper", box(a["hand_box"][i]))]
-    if inside(a["goal_px"][i], size):
-        out.append(("scene", "point", "where is the goal?", pt(a["goal_px"][i])))
-    out.append(("scene", "gripper", "is the gripper open or closed?",
-                "open" if a["proprio"][i, 3] > 0.5 else "closed"))
-    if color:  # asked with the bare noun, or the question would give the answer away
-        out.append(("scene", "color", f"what colour is the {sim.TEXT[task][0]}?", color))
-    # task-oriented: where to act, what comes next, whether it is finished
-    target = a["goal_px"][i] if task.startswith("reach") else a["objects_px"][i, 0]
-    if inside(target, size):
-        out.append(("task", "contact", f"where should the gripper act to {instruction}?", pt(target)))
-    phases = a["phase"][frames]
-    later = phases[(frames > i) & (phases != a["phase"][i])]
-    out += [("task", "subgoal", f"what is the next step to {instruction}?", PHASES[later[0]] if len(later) else "done"),
-            ("task", "done", f"is the task done: {instruction}?", "yes" if a["success"][i] else "no")]
-    # action-aligned planning: the gripper's future path, its relation to the object, its next move
-    future = [min(i + 4 * j, frames[-1]) for j in range(1, 6)]  # 5 waypoints, 4 steps apart
-    out += [("planning", "trajectory", f"predict the trajectory of: {instruction}",
-             ", ".join(pt(p) for p in a["hand_px"][future].clip(0, size - 1))),
-            ("planning", "relation", f"where is the gripper relative to the {nouns[0]}?",
-             relation(a["hand"][i], a["objects"][i, 0], a["camera"][i])),
-            ("planning", "motion", "where does the gripper move next?",
-             motion(a["hand"][frames], a["grip"][frames], i - frames[0], a["camera"][i]))]
-    return out
-
-
-# The ETC questions' and answers' words, for the tiny tokenizer's merges (model.tiny_tokenizer).
-ETC_WORDS = ("question: where is the gripper?\nanswer: ", "locate the goal", "is the gripper open or closed?",
-             "what colour is the", "where should the gripper act to", "what is the next step to",
-             "is the task done: yes no", "predict the trajectory of:", "where is the gripper relative to the",
-             "left, right, aligned, above, below, level, in front, behind", "where does the gripper move next?",
-             "stay up down toward the camera away from the camera and close open the gripper")
-
-
-SECOND_NOUN = {"hammer": "nail", "stick-push": "thermos", "stick-pull": "thermos"}
-
-
-@dataclass
-class Etc:
-    data: str = "data/source"  # a dataset folder from `collect`
-    every: int = 4  # questions for one frame in `every`
-    paraphrases: Literal["train", "heldout"] = "train"  # instructions in task questions; heldout: OOD language
-    seed: int = 0  # picks the instruction paraphrase per episode
-
-
-def etc_records(ds: Dataset, every: int = 4, paraphrases: str = "train", seed: int = 0) -> list[dict]:
-    """All ETC records of a dataset, deterministic in (dataset, every, paraphrases, seed)."""
-    rng, color, size, recs = np.random.default_rng(seed), ds.meta["color"], ds.meta["image_size"], []
-    for task in ds.tasks:
-        a = {k: np.asarray(v) for k, v in ds.arrays[task].items() if k not in ("images", "wrist")}
-        noun = sim.TEXT[task][0]
-        nouns = [f"{color} {noun}" if color else noun] + ([SECOND_NOUN[task]] if task in SECOND_NOUN else [])
-        texts = sim.instructions(task, color, paraphrases)
-        for ep, frames in enumerate(ds.episode_frames(task)):
-            instruction = texts[rng.integers(len(texts))]
-            for i in frames[::every]:
-                for level, kind, q, ans in etc_for_frame(a, int(i), frames, task, nouns, color, instruction, size):
-                    recs.append(dict(task=task, frame=int(i), episode=ep, step=int(a["step"][i]),
-                                     level=level, kind=kind, question=q, answer=ans))
-    return recs
-
-
-def write_etc(cfg: Etc) -> Path:
-    ds = Dataset(cfg.data)
-    recs = etc_records(ds, cfg.every, cfg.paraphrases, cfg.seed)
-    out, tmp = ds.path / "etc.jsonl", ds.path / ".etc.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    tmp.rename(out)  # derived from the dataset, so regenerating it loses nothing
-    counts = {lv: sum(r["level"] == lv for r in recs) for lv in LEVELS}
-    print(f"wrote {len(recs)} ETC records to {out}: {counts}")
-    return out
-
-
-def read_etc(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"no ETC records at {path}: run `python data.py etc --data {path.parent}`")
-    recs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            r = json.loads(line)
-            assert {"task", "frame", "level", "question", "answer"} <= r.keys()
-        except (json.JSONDecodeError, AssertionError):
-            raise DataError(f"{path}:{n} is not an ETC record; regenerate with `python data.py etc`") from None
-        recs.append(r)
-    return recs
-
-
-COORDS = ("point", "box", "contact", "trajectory")  # answers made of pixel coordinates
-
-
-def etc_error(kind: str, pred: str, answer: str) -> float:
-    """Coordinates: mean pixel distance between predicted and true points (inf if the
-    shapes differ). Words: 0 for an exact match, inf otherwise."""
-    if kind not in COORDS:
-        return 0.0 if pred.strip() == answer else math.inf
-    got, want = (np.array([int(x) for x in re.findall(r"\d+", t)]) for t in (pred, answer))
-    if got.shape != want.shape:
-        return math.inf
-    return float(np.linalg.norm((got - want).reshape(-1, 2), axis=1).mean())
-
-
-def etc_scores(recs: list[dict], preds: list[str], tol: float = 4.0) -> dict:
-    """Per level: accuracy (exact words; coordinates within `tol` px) and the median pixel
-    error of the coordinate answers that have the right shape."""
-    out = {}
-    for lv in LEVELS:
-        pairs = [(r, p) for r, p in zip(recs, preds) if r["level"] == lv]
-        if pairs:
-            errs = [etc_error(r["kind"], p, r["answer"]) for r, p in pairs]
-            px = [e for (r, _), e in zip(pairs, errs) if r["kind"] in COORDS and e < math.inf]
-            out[lv] = dict(acc=float(np.mean([e <= tol for e in errs])), n=len(pairs),
-                           px_err=float(np.median(px)) if px else None)  # of answers that parsed
-    return out
-
-
-def held_out(rec: dict, every: int) -> bool:
-    """Every `every`-th episode of each task is kept out of ETC training, for evaluation."""
-    return rec["episode"] % every == every - 1
-
-
-# ----------------------------------------------------------------------------------------
 # Mixing: which samples a batch holds
 @dataclass(frozen=True)
-class Schedule:
+class Ramp:
+    """A value that goes from `start` to `end` over `steps` (held after): the ETC fraction
+    of a batch, or the action-loss weight. kind: constant (start throughout), linear, cosine."""
     kind: Literal["constant", "linear", "cosine"] = "constant"
-    start: float = 0.5  # value at step 0
-    end: float = 0.5  # value at step `steps` and after
-    steps: int = 1000  # length of the ramp
+    start: float = 0.5
+    end: float = 0.5
+    steps: int = 1000
 
     def __call__(self, step: int) -> float:
         x = min(max(step / max(self.steps, 1), 0.0), 1.0)
@@ -432,11 +259,11 @@ class MixedSampler:
     schedule on average; ETC records are drawn by level (weights) then uniformly."""
 
     def __init__(self, etc_levels: list[str], n_action: int, batch_size: int,
-                 etc_fraction: Schedule, level_weights: dict[str, float] | None = None, seed: int = 0):
+                 etc_fraction: Ramp, level_weights: dict[str, float] | None = None, seed: int = 0):
         self.B, self.n_action, self.schedule, self.seed = batch_size, n_action, etc_fraction, seed
         levels = np.array(etc_levels)
-        weights = level_weights or {lv: 1.0 for lv in LEVELS}
-        self.by_level = {lv: np.flatnonzero(levels == lv) for lv in LEVELS if weights.get(lv, 0) > 0}
+        weights = level_weights or dict.fromkeys(etc_levels, 1.0)  # in order of first appearance
+        self.by_level = {lv: np.flatnonzero(levels == lv) for lv, w in weights.items() if w > 0}
         self.by_level = {lv: ids for lv, ids in self.by_level.items() if len(ids)}
         w = np.array([weights[lv] for lv in self.by_level])
         self.p = w / w.sum() if len(w) else w
@@ -489,12 +316,6 @@ class ActionSamples:
                     time_u=np.float32(rng.random()))  # the uniform draw behind its time t
 
 
-def etc_sample(ds: Dataset, rec: dict) -> dict:
-    """An ETC record with its frame's image; the answer is what the loss is taken on."""
-    return dict(image=np.asarray(ds.arrays[rec["task"]]["images"][rec["frame"]]),
-                text=f"question: {rec['question']}\nanswer: ", answer=rec["answer"])
-
-
 def collate(samples: list[dict], tokenizer, image_ids: list[int]) -> dict:
     """Token ids, masks and tensors for a list of samples of one kind (ETC or action).
 
@@ -524,36 +345,38 @@ def collate(samples: list[dict], tokenizer, image_ids: list[int]) -> dict:
 
 
 class Batches:
-    """The collated (ETC batch, action batch) of a training step. The global batch depends
-    only on (seed, step); DDP process `rank` of `world` takes every world-th sample of it."""
+    """The collated (ETC batch, action batch) of a training step and the ETC fraction of the
+    global batch. The global batch depends only on (seed, step); DDP process `rank` of
+    `world_size` takes every world_size-th sample of it.
 
-    def __init__(self, etc_sets: list[tuple[Dataset, list[dict]]], actions: ActionSamples | None,
-                 tokenizer, image_ids: list[int], batch_size: int, etc_fraction: Schedule,
-                 level_weights: dict[str, float] | None = None, seed: int = 0):
-        self.recs = [(ds, r) for ds, recs in etc_sets for r in recs]
-        self.actions, self.tokenizer, self.image_ids, self.seed = actions, tokenizer, image_ids, seed
-        self.sampler = MixedSampler([r["level"] for _, r in self.recs], len(actions) if actions else 0,
+    etc: ETC samples (etc.Samples: `levels`, len, etc(j) -> sample), or None."""
+
+    def __init__(self, etc, actions: ActionSamples | None, tokenizer, image_ids: list[int], batch_size: int,
+                 etc_fraction: Ramp, level_weights: dict[str, float] | None = None, seed: int = 0):
+        self.etc, self.actions, self.tokenizer, self.image_ids, self.seed = etc, actions, tokenizer, image_ids, seed
+        self.sampler = MixedSampler(etc.levels if etc else [], len(actions) if actions else 0,
                                     batch_size, etc_fraction, level_weights, seed)
 
-    def __call__(self, step: int, rank: int = 0, world: int = 1) -> tuple[dict | None, dict | None]:
+    def __call__(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[dict | None, dict | None, float]:
         e, a = self.sampler.batch(step)
-        self.etc_fraction = len(e) / (len(e) + len(a))  # of the global batch, for the log
-        etc = [etc_sample(*self.recs[i]) for i in e[rank::world]]
+        etc = [self.etc(i) for i in e[rank::world_size]]
         # an action sample's paraphrase, flow noise and time depend on its place in the global
         # batch, not on the rank that holds it: any number of processes sees the same batch
-        act = [self.actions(a[k], np.random.default_rng([self.seed, step, k])) for k in range(rank, len(a), world)]
+        act = [self.actions(a[k], np.random.default_rng([self.seed, step, k])) for k in range(rank, len(a), world_size)]
         return (collate(etc, self.tokenizer, self.image_ids) if etc else None,
-                collate(act, self.tokenizer, self.image_ids) if act else None)
+                collate(act, self.tokenizer, self.image_ids) if act else None, len(e) / (len(e) + len(a)))
 
 
-def main():
-    cmd = tyro.extras.subcommand_cli_from_dict({"collect": Collect, "etc": Etc})
+def cli(run, config, args: list[str] | None = None):
+    """Parse the command line into the dataclass `config` (or {sub-command: dataclass}) and
+    run it. Bad input the user can fix (DataError, CheckpointError, an unknown task or colour,
+    a diverged run) prints one line and exits 2, so a pipeline can tell it from a crash."""
     try:
-        print(collect(cmd) if isinstance(cmd, Collect) else write_etc(cmd))
-    except ValueError as err:  # DataError and sim's unknown task / colour
+        run(tyro.extras.subcommand_cli_from_dict(config, args=args) if isinstance(config, dict) else tyro.cli(config, args=args))
+    except (ValueError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
-    main()
+    cli(lambda cmd: print(collect(cmd)), {"collect": Collect})

@@ -19,9 +19,9 @@ The script talks to the head only through VLA.denoise and model.schedule.
 """
 import copy
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 
 import data
 import model
+import scaffold
 
 METHODS = {  # per-method defaults; the command line overrides any of them
     "sdm": dict(out="out/sdm", lr=1e-4, ema=0.0),
@@ -64,9 +64,11 @@ class Config:
     gan_head_weight: float = 1e-2  # the classifier's loss weight on the fake network, when gan_weight > 0
     regress_weight: float = 0.0  # DMD's regression of G(z) onto the teacher's multi-step sample of z; 0 = off
     cd_skip: int = 1  # CD: teacher Euler steps (of 1 / grid_steps) between a point and its target
-    log_every: int = 50
-    eval_every: int = 500  # probe error of the one-step student against the demonstrations
-    seed: int = 0
+    log_every: int = 50  # 0 = only the last step
+    eval_every: int = 500  # probe error of the one-step student against the demonstrations; 0 = only at the end
+    save_every: int = 500  # checkpoint (student + train_state.pt) every so often; 0 = only at the end (and on Ctrl-C)
+    seed: int = 0  # fixes the probe and every step's draws
+    resume: bool = False  # continue an interrupted run from out/train_state.pt
     overwrite: bool = False  # replace an existing --out
     device: str = "auto"  # auto | cpu | cuda
 
@@ -194,21 +196,41 @@ class GanHead(nn.Module):
         return self.logit(self.feats.mean(1)).squeeze(-1)
 
 
-def extras(cfg: Config, vla: model.VLA, gan: GanHead | None, d_fake, batch: dict, z: torch.Tensor):
-    """The optional generator / fake-network losses: extra_g(x), extra_f(x), or None."""
+def extras(cfg: Config, teacher: model.VLA, gan: GanHead | None, d_fake, batch: dict, z: torch.Tensor):
+    """The optional added losses, as functions of G's samples x: (extra_g, extra_f), each or None.
+    GAN (DMD2, non-saturating): G's term, and the classifier's term on the fake network, with
+    noised demonstrations as real; regression (DMD): G(z) onto the teacher's ODE sample of z."""
     def noised(x):  # (x_t, t) at a fresh t
         t = sample_t(cfg, len(x), x.device)
         return diffuse(x, torch.randn_like(x), t), t
 
-    terms_g, extra_f = [], None
-    if gan is not None:  # non-saturating GAN: noised demonstrations vs noised generator samples (DMD2)
-        terms_g.append(lambda x: cfg.gan_weight * F.softplus(-gan(d_fake, *noised(x))).mean())
-        extra_f = lambda x: cfg.gan_head_weight * (F.softplus(-gan(d_fake, *noised(batch["actions"]))).mean()  # noqa: E731
-                                                   + F.softplus(gan(d_fake, *noised(x))).mean())
-    if cfg.regress_weight:  # DMD: G(z) regressed onto the teacher's ODE sample from the same z
-        target = vla.sample(batch, cfg.grid_steps, z)
-        terms_g.append(lambda x: cfg.regress_weight * F.mse_loss(x, target))
-    return (lambda x: sum(f(x) for f in terms_g)) if terms_g else None, extra_f
+    def gan_g(x):
+        return cfg.gan_weight * F.softplus(-gan(d_fake, *noised(x))).mean()
+
+    def gan_f(x):
+        real = F.softplus(-gan(d_fake, *noised(batch["actions"]))).mean()
+        return cfg.gan_head_weight * (real + F.softplus(gan(d_fake, *noised(x))).mean())
+
+    target = teacher.sample(batch, cfg.grid_steps, z) if cfg.regress_weight else None
+
+    def regression(x):
+        return cfg.regress_weight * F.mse_loss(x, target)
+
+    terms = [f for f, on in ((gan_g, gan is not None), (regression, cfg.regress_weight > 0)) if on]
+
+    def extra_g(x):
+        return sum(f(x) for f in terms)
+    return (extra_g if terms else None), (gan_f if gan is not None else None)
+
+
+def denoiser(vla: model.VLA, expert: nn.Module, prefix: dict):
+    """D(x_t, t) -> x0_hat of one copy of the expert, on a VLM prefix computed once per batch."""
+    return partial(vla.denoise, prefix=prefix, expert=expert)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Every random draw of a step comes from this seed: resuming at any step is exact."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
 
 
 def observations(sets: list[data.ActionSamples], tok, image_ids, cfg: Config, step: int, stream: int = 0) -> dict:
@@ -228,87 +250,92 @@ def main(cfg: Config):
     for k, v in METHODS[cfg.method].items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
-    device = torch.device("cuda" if (torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda") else "cpu")
-    out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise data.DataError(f"{out} exists; pass --overwrite to replace it, or another --out")
-    if not (Path(cfg.teacher) / "config.json").is_file():
-        raise model.CheckpointError(f"no teacher at {cfg.teacher}: train one (`python train_vla.py --stage 3`) or pass --teacher")
-    vla = model.load(cfg.teacher).to(device)
-    if vla.cfg.head != "flow":
-        raise model.CheckpointError(f"{cfg.teacher} has the {vla.cfg.head!r} head; distillation needs a flow-head teacher")
-    vla.requires_grad_(False)  # the VLM and D_real stay frozen
-    sets = [data.ActionSamples(data.Dataset(p, image_size=vla.cfg.image_size), vla.cfg.chunk, stats=vla.stats) for p in cfg.data]
+    proc, out = scaffold.start(cfg.device), Path(cfg.out)
+    device = proc.device
+    scaffold.check_out(out, cfg.resume, cfg.overwrite)
+    model.read_config(cfg.teacher)  # a missing or foreign teacher stops here, with the fix
+    scaffold.require_trained_head(cfg.teacher, "distil a trained policy (`python train_vla.py --stage 3`)")
+    teacher = model.load(cfg.teacher).to(device)  # the VLM and D_real stay frozen
+    if teacher.cfg.head != "flow":
+        raise model.CheckpointError(f"{cfg.teacher} has the {teacher.cfg.head!r} head; distillation needs a flow-head teacher")
+    teacher.requires_grad_(False)
+    sets = [data.ActionSamples(data.Dataset(p, image_size=teacher.cfg.image_size), teacher.cfg.chunk, stats=teacher.stats)
+            for p in cfg.data]
     torch.manual_seed(cfg.seed)
-    real = vla.expert
-    student = copy.deepcopy(real).requires_grad_(True)  # G (SDM) or the consistency function f (CD)
+    student = model.load(cfg.teacher, steps=1).to(device).requires_grad_(False)  # what is saved: the one-step policy
+    real = teacher.expert
+    gen = copy.deepcopy(real).requires_grad_(True) if cfg.ema else student.expert.requires_grad_(True)  # G (SDM), f (CD)
+    ema = student.expert if cfg.ema else None  # an EMA of G is saved instead of it (CD: the target network)
     fake = copy.deepcopy(real).requires_grad_(True)  # SDM's unfrozen teacher
-    ema = copy.deepcopy(student).requires_grad_(False) if cfg.ema else None
-    gan = GanHead(fake, vla.cfg.expert_width).to(device) if cfg.gan_weight else None
-    adamw = lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, betas=(0.95, 0.999), weight_decay=1e-6)  # noqa: E731  SDM's
-    opt_g = adamw(student.parameters())
-    opt_f = adamw(list(fake.parameters()) + (list(gan.parameters()) if gan else []))
-    D = lambda net, kv: lambda x_t, t: vla.denoise(x_t, t, net.project(kv), net)  # noqa: E731  (x_t, t) -> x0_hat
-    probe = to(observations(sets, vla.tokenizer, vla.image_ids, cfg, 0, stream=1), device)  # a fixed batch, never trained on
+    gan = GanHead(fake, teacher.cfg.expert_width).to(device) if cfg.gan_weight else None
+    opt_g = torch.optim.AdamW(gen.parameters(), lr=cfg.lr, betas=(0.95, 0.999), weight_decay=1e-6)  # SDM's settings
+    opt_f = torch.optim.AdamW(list(fake.parameters()) + (list(gan.parameters()) if gan else []),
+                              lr=cfg.lr, betas=(0.95, 0.999), weight_decay=1e-6)
+    states = dict(generator=gen, fake=fake, opt_g=opt_g, opt_f=opt_f, **dict(ema=ema) if ema else {}, **dict(gan=gan) if gan else {})
+    start = scaffold.load_state(out, **states) if cfg.resume else 0
+    probe = scaffold.to(observations(sets, teacher.tokenizer, teacher.image_ids, cfg, 0, stream=1), device)  # never trained on
     probe_z = torch.randn(probe["actions"].shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
 
     def probe_error(net) -> float:
         """Masked mse of one-step chunks (or the teacher's grid_steps-step ones) to the demos."""
         with torch.no_grad():
-            kv, ones = vla.vlm_kv(probe), torch.ones(len(probe_z), device=device)
-            x = vla.denoise(probe_z, ones, net.project(kv), net) if net is not real else vla.sample(probe, cfg.grid_steps, probe_z)
+            ones = torch.ones(len(probe_z), device=device)
+            x = teacher.sample(probe, cfg.grid_steps, probe_z) if net is real else teacher.denoise(probe_z, ones, teacher.prefix(probe), net)
         return float(((x - probe["actions"]).pow(2).mean(-1) * probe["action_mask"]).sum() / probe["action_mask"].sum())
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log = open(out.with_name(out.name + ".log.jsonl"), "w", buffering=1)
-    start = dict(teacher_probe_mse=probe_error(real), student_probe_mse=probe_error(student))
-    print(json.dumps(start))
-    log.write(json.dumps(dict(config=asdict(cfg), **start)) + "\n")
-    t0 = time.perf_counter()
-    for step in range(cfg.steps):
-        for opt in (opt_g, opt_f):
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
-        batch = to(observations(sets, vla.tokenizer, vla.image_ids, cfg, step), device)
-        with torch.no_grad():
-            kv = vla.vlm_kv(batch)  # the VLM runs once; each expert projects its cache
-        z = torch.randn_like(batch["actions"])
-        ones = torch.ones(len(z), device=device)
-        if cfg.method == "cd":
-            n = torch.randint(cfg.cd_skip, cfg.grid_steps + 1, (len(z),), device=device)
-            loss = cd_loss(D(student, kv), D(ema if ema is not None else student, kv), D(real, kv), batch["actions"], z, n, cfg,
-                           batch["action_mask"].float())
-            update(opt_g, loss, cfg.clip)
-            logs = dict(cd=float(loss.detach()))
-        else:
-            extra_g, extra_f = extras(cfg, vla, gan, D(fake, kv), batch, z)
-            logs = sdm_step(step, cfg, lambda: vla.denoise(z, ones, student.project(kv), student),
-                            D(real, kv), D(fake, kv), opt_g, opt_f, extra_g, extra_f)
-        if not np.isfinite(list(logs.values())).all():
-            raise FloatingPointError(f"non-finite loss {logs} at step {step}; lower --lr (now {cfg.lr}). {out} is untouched.")
-        if ema is not None and (cfg.method == "cd" or step % cfg.fake_updates == 0):
-            ema_update(ema, student, cfg.ema)
-        evaluate = (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1
-        if step % cfg.log_every == 0 or evaluate:
-            dt = (time.perf_counter() - t0) / (step + 1)
-            row = dict(step=step, **logs, lr=opt_g.param_groups[0]["lr"], ms=1000 * dt, samples_s=cfg.batch / dt)
-            if evaluate:
-                row["student_probe_mse"] = probe_error(ema if ema is not None else student)
-            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
-            log.write(json.dumps(row) + "\n")
-    vla.expert, vla.cfg.steps = (ema if ema is not None else student), 1  # the student: the teacher's VLM + the one-step head
-    vla.save(out)
+    log = scaffold.open_log(out, cfg.resume, proc)
+    prov = scaffold.provenance("distill_sdm.py", cfg, cfg.teacher, scaffold.action_steps(cfg.teacher), stage="distill",
+                               method=cfg.method, datasets=dict(observations=list(cfg.data)))
+    if not cfg.resume:
+        first = dict(teacher_probe_mse=probe_error(real), student_probe_mse=probe_error(gen))
+        print(json.dumps(first))
+        scaffold.log(log, dict(config=asdict(cfg), **first), echo=False)
+
+    def save(step: int):
+        scaffold.save(student, out, step, cfg, prov, proc, **states)
+
+    done, t0 = start, time.perf_counter()
+    try:
+        for step in range(start, cfg.steps):
+            torch.manual_seed(step_seed(cfg.seed, step))
+            for opt in (opt_g, opt_f):
+                scaffold.set_lr(opt, scaffold.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, min_ratio=1.0))  # warm-up, then flat
+            batch = scaffold.to(observations(sets, teacher.tokenizer, teacher.image_ids, cfg, step), device)
+            with torch.no_grad():
+                prefix = teacher.prefix(batch)  # the VLM runs once; each expert projects its cache
+            z = torch.randn_like(batch["actions"])
+            d_real, d_gen = denoiser(teacher, real, prefix), denoiser(teacher, gen, prefix)
+            if cfg.method == "cd":
+                n = torch.randint(cfg.cd_skip, cfg.grid_steps + 1, (len(z),), device=device)
+                d_target = denoiser(teacher, ema, prefix) if ema is not None else d_gen
+                loss = cd_loss(d_gen, d_target, d_real, batch["actions"], z, n, cfg, batch["action_mask"].float())
+                update(opt_g, loss, cfg.clip)
+                logs = dict(cd=float(loss.detach()))
+            else:
+                d_fake = denoiser(teacher, fake, prefix)
+                extra_g, extra_f = extras(cfg, teacher, gan, d_fake, batch, z)
+                logs = sdm_step(step, cfg, partial(d_gen, z, torch.ones(len(z), device=device)), d_real, d_fake,
+                                opt_g, opt_f, extra_g, extra_f)
+            if not np.isfinite(list(logs.values())).all():
+                raise FloatingPointError(f"non-finite loss {logs} at step {step}; lower --lr (now {cfg.lr}). {out} is kept as it was.")
+            if ema is not None and (cfg.method == "cd" or step % cfg.fake_updates == 0):
+                ema_update(ema, gen, cfg.ema)
+            done = step + 1
+            evaluate = scaffold.due(done, cfg.eval_every) or done == cfg.steps
+            if scaffold.due(step, cfg.log_every) or evaluate:
+                dt = (time.perf_counter() - t0) / (done - start)
+                row = dict(step=step, **logs, lr=opt_g.param_groups[0]["lr"], ms=1000 * dt, samples_s=cfg.batch / dt)
+                if evaluate:
+                    row["student_probe_mse"] = probe_error(student.expert)
+                scaffold.log(log, row)
+            if done < cfg.steps and scaffold.due(done, cfg.save_every):
+                save(done)
+    except KeyboardInterrupt:
+        scaffold.interrupted(save, done, out)
+    save(cfg.steps)  # the student: the teacher's VLM + the one-step head, steps = 1 in its config
     log.close()
     print(f"saved the one-step student to {out}; evaluate it with `python eval.py success --ckpt {out}`")
 
 
-def to(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Config))
-    except (ValueError, FloatingPointError) as err:  # bad input, checkpoint or a diverged run
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    data.cli(main, Config)

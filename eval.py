@@ -15,18 +15,18 @@ import json
 import multiprocessing as mp
 import os
 import re
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-import tyro
 from tqdm import tqdm
 
 import data
+import etc
 import model
+import scaffold
 import sim
 
 
@@ -53,7 +53,7 @@ class Success:
 
 
 @dataclass
-class Etc:
+class EtcAccuracy:
     """Vision-language retention: ETC question accuracy per level on held-out frames."""
     ckpt: str = "out/stage3"
     data: tuple[str, ...] = ("data/source",)  # datasets whose held-out ETC records are asked
@@ -97,10 +97,9 @@ def run_job(job: tuple) -> tuple:
     task, cond, seed, cfg = job
     vla, variation = POLICY["vla"], sim.Variation(**cond)
     text = cfg.instruction or sim.instructions(task, variation.color_word(), cfg.paraphrases)[0]
-    policy = lambda im, ins, p: vla.act(torch.from_numpy(im[None].copy()), [ins], p[None], POLICY["steps"])[0]  # noqa: E731
-    seeds = [data.episode_seed(10_000 + 1000 * seed + k, task, 0) for k in range(cfg.episodes)]
     frames = [] if seed == cfg.seeds[0] and cfg.gifs else None
-    ok = sim.run_policy(policy, task, seeds, text, variation, vla.cfg.image_size, cfg.max_steps, cfg.execute, frames)
+    ok = sim.run_policy(scaffold.policy(vla, POLICY["steps"]), task, data.eval_seeds(task, seed, cfg.episodes), text,
+                        variation, vla.cfg.image_size, cfg.max_steps, cfg.execute, frames)
     return (task, cond, seed), ok, (frames[:cfg.gifs] if frames else None), text
 
 
@@ -149,6 +148,8 @@ def success(cfg: Success) -> dict:
     ds = data.Dataset(cfg.data)
     tasks = [sim.check_task(t) for t in cfg.tasks] or ds.tasks
     vla = model.load(cfg.ckpt)  # fails clearly before any worker starts
+    scaffold.require_trained_head(cfg.ckpt, "evaluate a policy trained on actions (`python train_vla.py --stage 2`), "
+                                            "or its ETC answers with `python eval.py etc`")
     if vla.cfg.image_size != ds.meta["image_size"]:
         raise model.CheckpointError(f"{cfg.ckpt} takes {vla.cfg.image_size} px images; {cfg.data} has {ds.meta['image_size']} px")
     base = ds.meta["variation"]
@@ -183,16 +184,13 @@ def success(cfg: Success) -> dict:
 
 # ----------------------------------------------------------------------------------------
 # ETC accuracy and representation drift
-def etc(cfg: Etc) -> dict:
+def etc_accuracy(cfg: EtcAccuracy) -> dict:
     vla = model.load(cfg.ckpt)
-    recs = []
-    for path in cfg.data:
-        ds = data.Dataset(path, image_size=vla.cfg.image_size)
-        recs += [(ds, r) for r in data.read_etc(ds.path / "etc.jsonl") if data.held_out(r, cfg.holdout)]
+    recs = [item for h in etc.load(cfg.data, holdout=cfg.holdout, image_size=vla.cfg.image_size)[1] for item in h]
     if not recs:
         raise data.DataError(f"no held-out ETC records in {cfg.data} (every {cfg.holdout}th episode); lower --holdout")
     recs = recs[::max(1, len(recs) // cfg.limit)][:cfg.limit]
-    scores = vla.etc_scores(recs)
+    scores = scaffold.etc_accuracy(vla, recs)
     name = cfg.name or f"etc_{Path(cfg.ckpt).name}"
     result = dict(kind="etc", name=name, ckpt=cfg.ckpt, records=len(recs), scores=scores, config=asdict(cfg))
     write_result(Path(cfg.out), result)
@@ -212,7 +210,7 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 def hidden_states(vla: model.VLA, batch: dict) -> list[torch.Tensor]:
     """Per VLM text layer (embeddings first), the states of every real token: (n_tokens, width)."""
     out = vla.vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  pixel_values=vla.pixels(batch["images"]), output_hidden_states=True)
+                  pixel_values=model.pixels(vla.vlm, batch["images"]), output_hidden_states=True)
     keep = batch["attention_mask"].bool()
     return [h[keep].float() for h in out.hidden_states]
 
@@ -220,13 +218,11 @@ def hidden_states(vla: model.VLA, batch: dict) -> list[torch.Tensor]:
 def cka(cfg: Cka) -> dict:
     a, b = model.load(cfg.a), model.load(cfg.b)
     ds = data.Dataset(cfg.data, image_size=a.cfg.image_size)
-    recs = [r for r in data.read_etc(ds.path / "etc.jsonl") if data.held_out(r, 10)]
+    recs = [r for r in etc.read(ds.path / "etc.jsonl") if etc.held_out(r, 10)]
     recs = recs[::max(1, len(recs) // cfg.frames)][:cfg.frames]
     if not recs:
-        raise data.DataError(f"{cfg.data} has no held-out ETC records to probe with; run `python data.py etc --data {cfg.data}`")
-    samples = [data.etc_sample(ds, r) for r in recs]
-    for s in samples:
-        s.pop("answer")  # the probe is the question prompt, identical for both models
+        raise data.DataError(f"{cfg.data} has no held-out ETC records to probe with; run `python etc.py --data {cfg.data}`")
+    samples = [dict(image=etc.sample(ds, r)["image"], text=etc.prompt(r["question"])) for r in recs]  # questions only
     batch = data.collate(samples, a.tokenizer, a.image_ids)
     layers = [linear_cka(x, y) for x, y in zip(hidden_states(a, batch), hidden_states(b, batch))]
     name = cfg.name or f"cka_{Path(cfg.a).name}_{Path(cfg.b).name}"
@@ -240,8 +236,10 @@ def cka(cfg: Cka) -> dict:
 # The results section of the README
 FILES = {  # the file map: each file's one concept
     "sim.py": "the robot world: Meta-World, fast renderer, projection, experts, instructions, scene variations",
-    "data.py": "demonstrations on disk, ETC generation, the ETC/action mixing sampler, collation",
+    "data.py": "demonstrations on disk, loading, normalisation, action samples, the ETC/action mixing sampler, collation",
+    "etc.py": "ETC generation from trajectories (three levels, phases, OOD), records on disk, prompts, scoring",
     "model.py": "the VLA: Hugging Face VLM + flow action expert or action tokens; denoiser interface; save/load",
+    "scaffold.py": "what the training loops share: processes, lr, logging, checkpoints, resume, provenance, evaluation",
     "train_etc.py": "stage 1, Distribution Bridging",
     "train_vla.py": "stage 2 Objective Bridging, stage 3 Retentive Adaptation, and the baselines",
     "distill_sdm.py": "SDM dual-teacher distillation to one step; the CD baseline",
@@ -272,8 +270,8 @@ def report_markdown(cfg: Report) -> str:
         cell = lambda s: f"{s['acc']:.2f} ({s['px_err']:.1f} px)" if s.get("px_err") is not None else f"{s['acc']:.2f}"  # noqa: E731
         out += ["**ETC question accuracy** on held-out episodes: words exact, points within 4 px "
                 "(median pixel error of the coordinate answers)", "",
-                "| checkpoint | " + " | ".join(data.LEVELS) + " | records |", "|---" * (len(data.LEVELS) + 2) + "|"]
-        out += [f"| {r['ckpt']} | " + " | ".join(cell(r["scores"][lv]) if lv in r["scores"] else "" for lv in data.LEVELS)
+                "| checkpoint | " + " | ".join(etc.LEVELS) + " | records |", "|---" * (len(etc.LEVELS) + 2) + "|"]
+        out += [f"| {r['ckpt']} | " + " | ".join(cell(r["scores"][lv]) if lv in r["scores"] else "" for lv in etc.LEVELS)
                 + f" | {r['records']} |" for r in etcs]
         out.append("")
     for r in (r for r in res if r["kind"] == "cka"):
@@ -304,15 +302,10 @@ def report(cfg: Report) -> str:
     return md
 
 
-def main():
-    cmd = tyro.extras.subcommand_cli_from_dict(dict(success=Success, etc=Etc, cka=Cka, report=Report))
-    try:
-        {Success: success, Etc: etc, Cka: cka, Report: report}[type(cmd)](cmd)
-    except ValueError as err:  # a missing or mismatched checkpoint or dataset, an unknown task or colour
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+COMMANDS = dict(success=Success, etc=EtcAccuracy, cka=Cka, report=Report)
+RUN = {Success: success, EtcAccuracy: etc_accuracy, Cka: cka, Report: report}
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    data.cli(lambda cmd: RUN[type(cmd)](cmd), COMMANDS)

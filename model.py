@@ -12,33 +12,33 @@ Time convention (pi0's), used everywhere in this project:
     t in [0, 1], t = 1 is pure noise;  x_t = (1 - t) a + t eps;  velocity u = eps - a
     alpha_t = 1 - t, sigma_t = t;      x0_hat = x_t - t v
     score(x_t) = -(x_t - alpha_t x0_hat) / sigma_t^2
-Distillation talks to the head only through denoise(x_t, t, prefix) -> x0_hat and
+Distillation talks to the head only through VLA.denoise(x_t, t, prefix) -> x0_hat and
 schedule(t) -> (alpha_t, sigma_t), so it does not depend on how the head was trained.
+
+This file imports torch, transformers, safetensors and numpy only: the caller tokenises
+(data.collate) and, for the tiny model, hands over the texts its tokenizer learns from.
 """
+import inspect
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
-import data
-import sim
-
-FORMAT = "bridgevla-vla-1"
+FORMAT = "bridgevla-vla-2"  # 2: the VLM's config and the provenance stand beside the VLA config
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing or does not fit this code; the message names the fix."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class VLAConfig:
     vlm: str = "tiny"  # "tiny" (random Idefics3, offline) or a local path / hub id of an image-text-to-text model
     image_size: int = 64  # images are resized to the vision tower's size; this is the data's size
@@ -55,21 +55,17 @@ class VLAConfig:
     bins: int = 256  # action-token bins over [-token_range, token_range] of normalised values
     token_range: float = 3.0
     steps: int = 10  # Euler steps when sampling; a distilled one-step student saves 1
-    vlm_config: dict = field(default_factory=dict)  # filled in: the VLM's own config, for loading
 
 
 # ----------------------------------------------------------------------------------------
 # The VLM: tiny offline Idefics3, or any pretrained AutoModelForImageTextToText
-def tiny_tokenizer(n_action_tokens: int, vocab_size: int = 1024):
-    """A byte-level BPE tokenizer trained offline with `tokenizers` (about a second) on every
-    instruction and paraphrase in every colour, the ETC vocabulary and pixel numbers. Any text
-    still encodes (all 256 bytes are in it); the merges make our prompts ~3x shorter, and the
-    sequence length is most of the step time."""
+def tiny_tokenizer(n_action_tokens: int, corpus: list[str], vocab_size: int = 1024):
+    """A byte-level BPE tokenizer trained offline with `tokenizers` (about a second) on the texts
+    the policy reads and writes (etc.corpus()). Any text still encodes (all 256 bytes are in
+    it); the merges make our prompts ~3x shorter, and sequence length is most of the step time."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     specials = ["<pad>", "<bos>", "<eos>", "<image>"] + [f"<act{i}>" for i in range(n_action_tokens)]
-    corpus = [t for task in sim.TASKS for c in [None, *sim.PALETTE] for t in sim.instructions(task, c, "all")]
-    corpus += list(data.ETC_WORDS) + list(data.PHASES) + [f"{i} {j}, " for i in range(128) for j in range(0, 128, 7)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -91,22 +87,20 @@ def tiny_vlm_config(vocab_size: int, image_token_id: int, image_size: int) -> di
                                  tie_word_embeddings=False))
 
 
-def build_vlm(cfg: VLAConfig, tokenizer=None):
+def build_vlm(cfg: VLAConfig, vlm_config: dict | None, tokenizer, corpus: list[str]):
     """(vlm, tokenizer). A saved vlm_config rebuilds the architecture with no download."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
-    if cfg.vlm_config:  # loading a checkpoint: architecture from its config, weights follow
-        vc = dict(cfg.vlm_config)
-        return AutoModelForImageTextToText.from_config(AutoConfig.for_model(**vc)), tokenizer
+    if vlm_config:  # loading a checkpoint: architecture from its config, weights follow
+        return AutoModelForImageTextToText.from_config(AutoConfig.for_model(**vlm_config)), tokenizer
     if cfg.vlm == "tiny":
-        tokenizer = tiny_tokenizer(cfg.bins)
+        tokenizer = tiny_tokenizer(cfg.bins, corpus)
         vc = tiny_vlm_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), cfg.image_size)
-        vlm = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**vc))
-    else:  # a real checkpoint (e.g. HuggingFaceTB/SmolVLM-256M-Instruct) by path or hub id
-        vlm = AutoModelForImageTextToText.from_pretrained(cfg.vlm)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.vlm)
-        tokenizer.add_tokens([f"<act{i}>" for i in range(cfg.bins)], special_tokens=True)  # reserved action tokens
-        vlm.resize_token_embeddings(len(tokenizer))
-    cfg.vlm_config = vlm.config.to_dict()
+        return AutoModelForImageTextToText.from_config(AutoConfig.for_model(**vc)), tokenizer
+    # a real checkpoint (e.g. HuggingFaceTB/SmolVLM-256M-Instruct) by path or hub id
+    vlm = AutoModelForImageTextToText.from_pretrained(cfg.vlm)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.vlm)
+    tokenizer.add_tokens([f"<act{i}>" for i in range(cfg.bins)], special_tokens=True)  # reserved action tokens
+    vlm.resize_token_embeddings(len(tokenizer))
     return vlm, tokenizer
 
 
@@ -121,31 +115,72 @@ def image_token_ids(vc, tokenizer) -> list[int]:
     return wrap + [vc.image_token_id] * n + wrap[:1]
 
 
-def global_loss(terms: dict, weights: dict, world: int = 1) -> tuple[torch.Tensor, dict]:
+def pixels(vlm, images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 1, 3, S, S) in [-1, 1] at the vision tower's size S."""
+    x = images.permute(0, 3, 1, 2).float() / 255.0
+    S = vlm.config.vision_config.image_size
+    if x.shape[-1] != S:
+        x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False)
+    return ((x - 0.5) / 0.5)[:, None].to(vlm.dtype)  # SigLIP / Idefics3 normalisation
+
+
+def cache_of(out):
+    """The KV cache a forward pass returned (transformers 5.24 renamed past_key_values to cache)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def with_cache(vlm, cache) -> dict:
+    """The cache as a forward argument, under the name this transformers version reads."""
+    return {"cache" if "cache" in inspect.signature(vlm.forward).parameters else "past_key_values": cache}
+
+
+def kv_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (keys, values), each (B, kv_heads, L, head_dim), from a transformers cache."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@torch.no_grad()
+def greedy(vlm, batch: dict, max_new: int, eos: int, pad: int, allowed: tuple[int, int] | None = None) -> torch.Tensor:
+    """Greedy decoding with the KV cache from right-padded prompts: (B, <= max_new) new ids,
+    `pad` after a row's eos. allowed = (lo, hi) restricts it to ids in [lo, hi) (action tokens)."""
+    ids, att = batch["input_ids"], batch["attention_mask"]
+    B, n = ids.shape[0], att.sum(1)
+    pos = (att.cumsum(1) - 1).clamp(min=0)
+    out = vlm(input_ids=ids, attention_mask=att, pixel_values=pixels(vlm, batch["images"]), position_ids=pos, use_cache=True)
+    logits, cache = out.logits[torch.arange(B), n - 1], cache_of(out)  # each row's last real token
+    new, done = [], torch.zeros(B, dtype=torch.bool, device=ids.device)
+    for _ in range(max_new):
+        lo, hi = allowed or (0, logits.shape[-1])
+        tok = torch.where(done, pad, logits[:, lo:hi].argmax(-1) + lo)
+        new.append(tok)
+        done |= tok == eos
+        if done.all():
+            break
+        att = torch.cat([att, att.new_ones(B, 1)], 1)  # the padding stays masked behind each row
+        out = vlm(input_ids=tok[:, None], attention_mask=att, position_ids=n[:, None] + len(new) - 1,
+                  use_cache=True, **with_cache(vlm, cache))
+        logits, cache = out.logits[:, -1], cache_of(out)
+    return torch.stack(new, 1)
+
+
+def global_loss(terms: dict, weights: dict, world_size: int = 1) -> tuple[torch.Tensor, dict]:
     """sum_k w_k * (global sum_k / global count_k) over {name: (sum, count)} from VLA.forward.
-    DDP averages gradients over processes, so the local part is scaled by `world`; the
+    DDP averages gradients over processes, so the local part is scaled by world_size; the
     counts are all-reduced first. Also returns each term's global mean, for logging."""
     loss, logs = 0.0, {}
     for name, w in weights.items():
         s, n = terms.get(name, (torch.zeros(()), torch.zeros(())))
         stats = torch.stack([s.detach().float().cpu(), n.float().cpu()])
-        if world > 1:
+        if world_size > 1:
             torch.distributed.all_reduce(stats)
         if stats[1] > 0:
-            loss = loss + w * s * world / stats[1]
+            loss = loss + w * s * world_size / stats[1]
             logs[name] = (stats[0] / stats[1]).item()
     return loss, logs
 
 
-def kv_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer (keys, values), each (B, kv_heads, L, head_dim), from a transformers cache."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))  # transformers < 4.56
-
-
 # ----------------------------------------------------------------------------------------
-# Flow matching: the math, in small functions
+# Flow matching and action tokens: the math, in small functions
 def schedule(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha_t, sigma_t) of the rectified-flow path x_t = alpha_t a + sigma_t eps."""
     return 1.0 - t, t
@@ -161,11 +196,6 @@ def flow_sums(v: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> tuple[tor
     """(sum over valid steps of ||v - u||^2 / D, number of valid steps)  (pi0 eq. 1).
     v, u: (B, H, D); mask: (B, H), 0 on steps padded past the episode's end."""
     return ((v - u).pow(2).mean(-1) * mask).sum(), mask.sum()
-
-
-def flow_loss(v: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    s, n = flow_sums(v, u, mask)
-    return s / n.clamp(min=1)
 
 
 def next_token_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,6 +229,15 @@ def time_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3, max_peri
     return torch.cat([ang.sin(), ang.cos()], -1).to(t.dtype)
 
 
+def to_bins(a: torch.Tensor, bins: int, r: float) -> torch.Tensor:
+    """Normalised values -> bin index in [0, bins): uniform bins over [-r, r]."""
+    return ((a.clamp(-r, r) + r) / (2 * r) * bins).long().clamp(max=bins - 1)
+
+
+def from_bins(b: torch.Tensor, bins: int, r: float) -> torch.Tensor:
+    return (b.float() + 0.5) / bins * 2 * r - r  # bin centres
+
+
 # ----------------------------------------------------------------------------------------
 # The action expert
 class ExpertLayer(nn.Module):
@@ -220,9 +259,8 @@ class ExpertLayer(nn.Module):
     def project_prefix(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """VLM cache (B, kvh, L, hd) -> expert heads (B, heads, L, width/heads)."""
         B, _, L, _ = k.shape
-        flat = lambda x: x.transpose(1, 2).reshape(B, L, -1)  # noqa: E731
-        split = lambda x: x.view(B, L, self.heads, -1).transpose(1, 2)  # noqa: E731
-        return split(self.prefix_k(flat(k))), split(self.prefix_v(flat(v)))
+        k, v = (self.prefix_k(k.transpose(1, 2).reshape(B, L, -1)), self.prefix_v(v.transpose(1, 2).reshape(B, L, -1)))
+        return k.view(B, L, self.heads, -1).transpose(1, 2), v.view(B, L, self.heads, -1).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
         """x: (B, S, W) expert tokens; pk, pv: (B, h, L, W/h); pmask: (B, L) bool, True = real."""
@@ -249,112 +287,89 @@ class ActionExpert(nn.Module):
         self.norm = nn.LayerNorm(W)
         self.action_out = nn.Linear(W, cfg.action_dim)
 
-    def project(self, vlm_kv: dict) -> dict:
-        """VLA.vlm_kv's VLM cache -> this expert's prefix keys/values (distillation runs the VLM once, projects it 3x)."""
-        kv = [layer.project_prefix(k, v) for layer, (k, v) in zip(self.layers, vlm_kv["kv"])]
-        return {**vlm_kv, "kv": kv}
+    def project(self, prefix: dict) -> dict:
+        """VLA.prefix's VLM cache -> this expert's keys/values (distillation runs the VLM once
+        and lets each of its three expert copies project it)."""
+        return {**prefix, "kv": [layer.project_prefix(k, v) for layer, (k, v) in zip(self.layers, prefix["kv"])]}
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor, prefix: dict) -> torch.Tensor:
-        """x_t: (B, H, D) noisy chunk; t: (B,); state: (B, P); prefix from VLA.prefix -> (B, H, D)."""
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, projected: dict) -> torch.Tensor:
+        """x_t: (B, H, D) noisy chunk; t: (B,); projected: self.project(prefix) -> velocity (B, H, D)."""
         a = self.action_in(x_t)
         tau = time_embedding(t, a.shape[-1])[:, None].expand_as(a)
-        h = torch.cat([self.state_in(state)[:, None], self.time_mlp(torch.cat([a, tau], -1))], 1) + self.pos
-        for layer, (pk, pv) in zip(self.layers, prefix["kv"]):
-            h = layer(h, pk, pv, prefix["mask"])
+        h = torch.cat([self.state_in(projected["state"])[:, None], self.time_mlp(torch.cat([a, tau], -1))], 1) + self.pos
+        for layer, (pk, pv) in zip(self.layers, projected["kv"]):
+            h = layer(h, pk, pv, projected["mask"])
         return self.action_out(self.norm(h[:, 1:]))
 
 
 # ----------------------------------------------------------------------------------------
 class VLA(nn.Module):
-    def __init__(self, cfg: VLAConfig, tokenizer=None, stats: dict | None = None):
+    """A VLM and an action head. With the flow head, one observation is two segments:
+
+        prefix (the VLM, once per observation)        suffix (the action expert, every Euler step)
+        [bos] [image tokens ...] [instruction ...]    [state] [x_t,1] ... [x_t,H]
+          causal attention within the prefix;         full attention within the suffix, and to
+          never attends to the suffix                 every real prefix token through the KV of
+                                                      VLM layer feed_layers[i] in expert layer i
+
+    Inference: sample(batch, num_steps) -> a normalised chunk per observation; denoise(x_t, t,
+    prefix) -> x0_hat, the interface distillation uses. Batches come from data.collate."""
+
+    def __init__(self, cfg: VLAConfig, tokenizer=None, stats: dict | None = None,
+                 vlm_config: dict | None = None, corpus: list[str] = ()):
         super().__init__()
         self.cfg = cfg
-        self.vlm, self.tokenizer = build_vlm(cfg, tokenizer)
+        self.vlm, self.tokenizer = build_vlm(cfg, vlm_config, tokenizer, list(corpus))
         self.stats = stats or {}  # normalisation stats of the data the policy was trained on
-        self.warming_up = False  # set by the trainer while a fresh expert must not move the VLM
         tc = self.vlm.config.text_config
-        n_vlm = tc.num_hidden_layers
-        cfg.feed_layers = tuple(cfg.feed_layers) or tuple(range(n_vlm))
-        if not all(0 <= i < n_vlm for i in cfg.feed_layers):
-            raise ValueError(f"--feed-layers must lie in 0..{n_vlm - 1}, got {cfg.feed_layers}")
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        kv_dim = tc.num_key_value_heads * head_dim  # width of one layer's cached keys
-        self.expert = ActionExpert(cfg, len(cfg.feed_layers), kv_dim) if cfg.head == "flow" else None
+        self.feed_layers = cfg.feed_layers or tuple(range(tc.num_hidden_layers))
+        if not all(0 <= i < tc.num_hidden_layers for i in self.feed_layers):
+            raise CheckpointError(f"--feed-layers must lie in 0..{tc.num_hidden_layers - 1}, got {cfg.feed_layers}")
+        kv_dim = tc.num_key_value_heads * (getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
+        self.expert = ActionExpert(cfg, len(self.feed_layers), kv_dim) if cfg.head == "flow" else None
         self.act0 = self.tokenizer.convert_tokens_to_ids("<act0>")
         self.image_ids = image_token_ids(self.vlm.config, self.tokenizer)
         if cfg.freeze_vision:
             self.vlm.model.vision_model.requires_grad_(False)
 
-    # -- inputs --------------------------------------------------------------------------
-    def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> (B, 1, 3, S, S) in [-1, 1] at the vision tower's size S."""
-        x = images.permute(0, 3, 1, 2).float() / 255.0
-        S = self.vlm.config.vision_config.image_size
-        if x.shape[-1] != S:
-            x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False)
-        dtype = next(self.vlm.parameters()).dtype
-        return ((x - 0.5) / 0.5)[:, None].to(dtype)  # SigLIP / Idefics3 normalisation
-
-    def to_bins(self, a: torch.Tensor) -> torch.Tensor:
-        """Normalised values -> bin index in [0, bins): uniform bins over [-range, range]."""
-        r = self.cfg.token_range
-        return ((a.clamp(-r, r) + r) / (2 * r) * self.cfg.bins).long().clamp(max=self.cfg.bins - 1)
-
-    def from_bins(self, b: torch.Tensor) -> torch.Tensor:
-        r = self.cfg.token_range
-        return (b.float() + 0.5) / self.cfg.bins * 2 * r - r  # bin centres
-
-    def batch_from(self, images, texts: list[str], proprio=None, answers=None) -> dict:
-        """Tokenised batch (right-padded) via data.collate, on the model's device."""
-        samples = [dict(image=im, text=tx) for im, tx in zip(images.cpu().numpy(), texts)]
-        for s, a in zip(samples, answers or []):
-            s["answer"] = a
-        b = data.collate(samples, self.tokenizer, self.image_ids)
-        if proprio is not None:
-            b["proprio"] = proprio
-        return {k: v.to(self.device) for k, v in b.items()}
-
     device = property(lambda self: next(self.parameters()).device)
 
-    # -- the prefix ----------------------------------------------------------------------
-    def prefix(self, batch: dict) -> dict:
-        """Run the VLM once over image + prompt; the expert's keys/values of its cache."""
-        return self.expert.project(self.vlm_kv(batch))
-
-    def vlm_kv(self, batch: dict) -> dict:
-        """The VLM's cached keys/values of the layers that feed the expert, the prompt mask and state."""
+    def prefix(self, batch: dict, insulate: bool = False) -> dict:
+        """The VLM over image + prompt, once: cached keys/values of the feed layers, the prompt
+        mask and the state. insulate (or cfg.insulate): no action gradient into the VLM."""
         out = self.vlm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             pixel_values=self.pixels(batch["images"]), use_cache=True)
-        kv = [kv_layers(out.past_key_values)[i] for i in self.cfg.feed_layers]
-        if self.cfg.insulate or self.warming_up:  # no action gradient into the VLM (pi0.5's insulation)
+                             pixel_values=pixels(self.vlm, batch["images"]), use_cache=True)
+        kv = [kv_layers(cache_of(out))[i] for i in self.feed_layers]
+        if self.cfg.insulate or insulate:
             kv = [(k.detach(), v.detach()) for k, v in kv]
         return dict(kv=kv, mask=batch["attention_mask"].bool(), state=batch["proprio"])
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, prefix: dict, expert=None) -> torch.Tensor:
-        """x0_hat = x_t - t v(x_t, t): the denoiser interface distillation uses (with its own
-        expert copies; prefix from that expert's project). At t = 1 this is one Euler step."""
-        return x_t - t[:, None, None] * (expert or self.expert)(x_t, t, prefix["state"], prefix)
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, prefix: dict, expert: ActionExpert | None = None) -> torch.Tensor:
+        """x0_hat = x_t - t v(x_t, t), by this VLA's expert or another copy of it (distillation's
+        three). At t = 1 this is exactly one Euler step.   x_t: (B, H, D); t: (B,)"""
+        expert = expert or self.expert
+        return x_t - t[:, None, None] * expert(x_t, t, expert.project(prefix))
 
-    # -- losses --------------------------------------------------------------------------
-    def forward(self, etc: dict | None = None, act: dict | None = None, generator=None) -> dict:
+    def forward(self, etc: dict | None = None, act: dict | None = None, insulate: bool = False, generator=None) -> dict:
         """Summed loss terms and their counts, {name: (sum, count)}: 'lm' for an ETC batch,
         'flow' or 'tokens' for an action batch. Sums (not means) let a trainer normalise by
-        the global count, so that DDP over any number of processes equals one process."""
+        the global count, so that DDP over any number of processes equals one process.
+        insulate: keep this step's action gradient out of the VLM (a fresh expert's warm-up)."""
         out = {}
         if etc is not None:  # ETC: next-token loss on the answer tokens only
             logits = self.vlm(input_ids=etc["input_ids"], attention_mask=etc["attention_mask"],
-                              pixel_values=self.pixels(etc["images"])).logits
+                              pixel_values=pixels(self.vlm, etc["images"])).logits
             out["lm"] = next_token_sums(logits, etc["labels"])
         if act is not None and self.cfg.head == "tokens":
-            out["tokens"] = self.token_sums(act)
+            out["tokens"] = next_token_sums(*with_action_tokens(self, act))
         elif act is not None:  # noise and time come with the batch when data.Batches drew them
             a = act["actions"]
             eps = act["noise"] if "noise" in act else torch.randn(a.shape, generator=generator, device=a.device)
             u = act["time_u"] if "time_u" in act else torch.rand(a.shape[0], generator=generator, device=a.device)
-            eps, t = eps.to(a.dtype), sample_time(u).to(a.dtype)
-            x_t, u = flow_target(a, eps, t)
-            v = self.expert(x_t, t, act["proprio"], self.prefix(act))
-            out["flow"] = flow_sums(v, u, act["action_mask"].to(v.dtype))
+            t = sample_time(u).to(a.dtype)
+            x_t, target = flow_target(a, eps.to(a.dtype), t)
+            v = self.expert(x_t, t, self.expert.project(self.prefix(act, insulate)))
+            out["flow"] = flow_sums(v, target, act["action_mask"].to(v.dtype))
         return out
 
     def loss(self, batch: dict, generator=None) -> dict:
@@ -363,100 +378,19 @@ class VLA(nn.Module):
         means = {k: s / n.clamp(min=1) for k, (s, n) in terms.items()}
         return dict(loss=sum(means.values()), **{k: m.detach() for k, m in means.items()})
 
-    def action_token_ids(self, actions: torch.Tensor) -> torch.Tensor:
-        return self.to_bins(actions).flatten(1) + self.act0  # (B, H*D)
-
-    def token_sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the chunk's action tokens (+ eos) to each prompt; next-token loss on them."""
-        ids, att, lab = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        acts = self.action_token_ids(batch["actions"])
-        valid = batch["action_mask"].repeat_interleave(self.cfg.action_dim, 1)  # padded steps: no loss
-        B, L = ids.shape
-        n = att.sum(1)  # prompt lengths; insert the actions right after each prompt
-        width = L + acts.shape[1] + 1
-        new_ids = ids.new_full((B, width), self.tokenizer.pad_token_id)
-        new_att, new_lab = att.new_zeros((B, width)), lab.new_full((B, width), -100)
-        for i in range(B):
-            seq = torch.cat([ids[i, :n[i]], acts[i], ids.new_tensor([self.tokenizer.eos_token_id])])
-            new_ids[i, :len(seq)], new_att[i, :len(seq)] = seq, 1
-            new_lab[i, n[i]:n[i] + acts.shape[1]] = torch.where(valid[i], acts[i], -100)
-            new_lab[i, n[i] + acts.shape[1]] = self.tokenizer.eos_token_id
-        logits = self.vlm(input_ids=new_ids, attention_mask=new_att, pixel_values=self.pixels(batch["images"])).logits
-        return next_token_sums(logits, new_lab)
-
-    # -- inference -----------------------------------------------------------------------
-    @torch.no_grad()
-    def predict_action_chunk(self, images, instructions: list[str], proprio: torch.Tensor,
-                             num_steps: int | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalised action chunks (B, H, D); proprio is normalised too. The prefix runs once;
-        num_steps defaults to the checkpoint's own (10 for a teacher, 1 for a student)."""
-        batch = self.batch_from(images, [s if s.endswith("\n") else s + "\n" for s in instructions], proprio.to(self.device))
-        return self.sample(batch, num_steps, noise)
-
     @torch.no_grad()
     def sample(self, batch: dict, num_steps: int | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Action chunks for a collated batch: one prefix pass, then num_steps expert passes."""
+        """Normalised action chunks (B, H, D) for a collated batch of observations: one prefix
+        pass, then num_steps expert passes (default the checkpoint's: 10 teacher, 1 student)."""
         B, H, D = batch["input_ids"].shape[0], self.cfg.chunk, self.cfg.action_dim
         if self.cfg.head == "tokens":
-            return self.from_bins(self.generate(batch, H * D, actions=True) - self.act0).view(B, H, D)
-        prefix = self.prefix(batch)
-        x1 = noise if noise is not None else torch.randn(B, H, D, device=self.device)
-        return euler(lambda x, t: self.expert(x, t, prefix["state"], prefix), x1.to(self.device), num_steps or self.cfg.steps)
+            ids = greedy(self.vlm, batch, H * D, -1, self.tokenizer.pad_token_id, (self.act0, self.act0 + self.cfg.bins))
+            return from_bins(ids - self.act0, self.cfg.bins, self.cfg.token_range).view(B, H, D)
+        projected = self.expert.project(self.prefix(batch))
+        x1 = noise.to(self.device) if noise is not None else torch.randn(B, H, D, device=self.device)
+        return euler(lambda x, t: self.expert(x, t, projected), x1, num_steps or self.cfg.steps)
 
-    @torch.no_grad()
-    def act(self, images: torch.Tensor, instructions: list[str], proprio, num_steps: int | None = None):
-        """Control: raw proprio (B, P) -> raw actions (B, H, D) in [-1, 1], via the stats."""
-        p, a = self.stats["proprio"], self.stats["actions"]
-        proprio = torch.as_tensor((np.asarray(proprio) - p["mean"]) / p["std"], dtype=torch.float32)
-        chunk = self.predict_action_chunk(images, instructions, proprio, num_steps).float().cpu().numpy()
-        return np.clip(chunk * a["std"] + a["mean"], -1, 1)
-
-    @torch.no_grad()
-    def etc_scores(self, recs: list[tuple], batch: int = 32) -> dict:
-        """Greedy answers to (dataset, record) pairs, scored per level by data.etc_scores."""
-        was_training, preds = self.training, []
-        self.eval()
-        for i in range(0, len(recs), batch):
-            part = recs[i:i + batch]
-            images = torch.from_numpy(np.stack([ds.arrays[r["task"]]["images"][r["frame"]] for ds, r in part]))
-            preds += self.answer(images, [r["question"] for _, r in part])
-        self.train(was_training)
-        return data.etc_scores([r for _, r in recs], preds)
-
-    @torch.no_grad()
-    def generate(self, batch: dict, max_new: int, actions: bool = False) -> torch.Tensor:
-        """Greedy decoding with the KV cache. actions=True restricts it to action tokens."""
-        ids, att = batch["input_ids"], batch["attention_mask"]
-        B, n = ids.shape[0], att.sum(1)
-        pos = (att.cumsum(1) - 1).clamp(min=0)
-        out = self.vlm(input_ids=ids, attention_mask=att, pixel_values=self.pixels(batch["images"]),
-                       position_ids=pos, use_cache=True)
-        logits, cache = out.logits[torch.arange(B), n - 1], out.past_key_values
-        new, done = [], torch.zeros(B, dtype=torch.bool, device=ids.device)
-        for _ in range(max_new):
-            if actions:
-                logits = logits[:, self.act0:self.act0 + self.cfg.bins]
-            tok = logits.argmax(-1) + (self.act0 if actions else 0)
-            tok = torch.where(done, self.tokenizer.pad_token_id, tok)
-            new.append(tok)
-            done |= tok == self.tokenizer.eos_token_id
-            if done.all():
-                break
-            att = torch.cat([att, att.new_ones(B, 1)], 1)
-            out = self.vlm(input_ids=tok[:, None], attention_mask=att, past_key_values=cache,
-                           position_ids=n[:, None] + len(new) - 1, use_cache=True)
-            logits, cache = out.logits[:, -1], out.past_key_values
-        return torch.stack(new, 1)
-
-    @torch.no_grad()
-    def answer(self, images, questions: list[str], max_new: int = 32) -> list[str]:
-        """Greedy answers to ETC questions, in the prompt format training uses."""
-        batch = self.batch_from(images, [f"question: {q}\nanswer: " for q in questions])
-        eos = self.tokenizer.eos_token_id
-        return [self.tokenizer.decode(row[:row.index(eos)] if eos in row else row) for row in self.generate(batch, max_new).tolist()]
-
-    # -- checkpoints ---------------------------------------------------------------------
-    def save(self, path: str | Path, train_state: dict | None = None):
+    def save(self, path: str | Path, train_state: dict | None = None, provenance: dict | None = None):
         """A folder loadable without training state (plus train_state.pt, for exact resume,
         when given); written to a temporary name, then renamed over the old one."""
         path = Path(path)
@@ -466,33 +400,101 @@ class VLA(nn.Module):
         save_model(self, str(tmp / "model.safetensors"))
         if train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
-        (tmp / "config.json").write_text(json.dumps(dict(format=FORMAT, vla=asdict(self.cfg)), indent=1))
+        meta = dict(format=FORMAT, vla=asdict(self.cfg), vlm=self.vlm.config.to_dict(), provenance=provenance or {})
+        (tmp / "config.json").write_text(json.dumps(meta, indent=1))
         (tmp / "stats.json").write_text(json.dumps(self.stats, indent=1))
         self.tokenizer.save_pretrained(tmp)
-        data.replace_dir(tmp, path)
+        if path.exists():  # the old folder goes only once the new one is complete
+            old = path.rename(path.with_name(f".{path.name}.old"))
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
 
 
-def load(path: str | Path, expect: dict | None = None) -> VLA:
-    """Rebuild a VLA from a checkpoint folder; `expect` fields must match its config."""
-    from transformers import PreTrainedTokenizerFast
-    path = Path(path)
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+def with_action_tokens(vla: "VLA", batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens head's (logits, labels): each chunk's action tokens (+ eos) placed right
+    after its prompt, labelled; steps padded past the episode's end carry no loss."""
+    ids, att, pad, eos = batch["input_ids"], batch["attention_mask"], vla.tokenizer.pad_token_id, vla.tokenizer.eos_token_id
+    acts = to_bins(batch["actions"], vla.cfg.bins, vla.cfg.token_range).flatten(1) + vla.act0  # (B, H*D)
+    valid = batch["action_mask"].repeat_interleave(vla.cfg.action_dim, 1)
+    B, L, n = *ids.shape, att.sum(1)
+    new_ids, new_att = ids.new_full((B, L + acts.shape[1] + 1), pad), att.new_zeros((B, L + acts.shape[1] + 1))
+    labels = torch.full_like(new_ids, -100)
+    for i in range(B):
+        seq = torch.cat([ids[i, :n[i]], acts[i], ids.new_tensor([eos])])
+        new_ids[i, :len(seq)], new_att[i, :len(seq)] = seq, 1
+        labels[i, n[i]:n[i] + acts.shape[1] + 1] = torch.cat([torch.where(valid[i], acts[i], -100), ids.new_tensor([eos])])
+    return vla.vlm(input_ids=new_ids, attention_mask=new_att, pixel_values=pixels(vla.vlm, batch["images"])).logits, labels
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints
+def read_config(path: str | Path) -> dict:
+    """config.json of a checkpoint folder: format, vla, vlm, provenance (what trained it)."""
+    f = Path(path) / "config.json"
+    if not f.is_file():
         raise CheckpointError(f"no checkpoint at {path} (config.json + model.safetensors); train one first")
-    meta = json.loads((path / "config.json").read_text())
+    try:
+        meta = json.loads(f.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{f} is corrupt ({err}); train the checkpoint again") from None
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format {meta.get('format')!r})")
+        raise CheckpointError(f"{path} was written by another version of bridgevla (format {meta.get('format')!r}, "
+                              f"this code reads {FORMAT!r}); train it again with this code")
+    return meta
+
+
+def load(path: str | Path, expect: dict | None = None, **overrides) -> VLA:
+    """Rebuild a VLA from a checkpoint folder. `expect` fields must match its config;
+    `overrides` replace fields that do not change the architecture (freeze_vision, steps...)."""
+    from transformers import PreTrainedTokenizerFast
+    path, meta = Path(path), read_config(path)
+    for name in ("model.safetensors", "tokenizer.json", "stats.json"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path} has no {name}: the checkpoint is incomplete; train or copy it again")
     vla = {**meta["vla"], "feed_layers": tuple(meta["vla"]["feed_layers"])}
     for k, v in (expect or {}).items():
         if vla.get(k) != v:
             raise CheckpointError(f"{path} has {k}={vla.get(k)!r}, expected {v!r}: use a matching checkpoint")
-    model = VLA(VLAConfig(**vla), PreTrainedTokenizerFast.from_pretrained(path), json.loads((path / "stats.json").read_text()))
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        model = VLA(VLAConfig(**{**vla, **overrides}), tokenizer, json.loads((path / "stats.json").read_text()), meta["vlm"])
+    except (TypeError, ValueError, OSError) as err:  # fields or files of another version
+        raise CheckpointError(f"{path} does not fit this code ({err}); train it again with this code") from None
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     except RuntimeError as err:  # shapes differ
         raise CheckpointError(f"{path}/model.safetensors does not fit this architecture: "
                               f"{next((ln.strip() for ln in str(err).splitlines() if 'size mismatch' in ln), err)}") from None
+    except Exception as err:  # safetensors' own error: a truncated or corrupt file
+        raise CheckpointError(f"{path}/model.safetensors is truncated or corrupt ({err}); train or copy it again") from None
     if missing or unexpected:
         raise CheckpointError(f"{path} does not fit this architecture (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}); it was saved by other code")
     return model.eval()
 
+
+def fake_batch(vla: VLA, batch_size: int = 4, answers: bool = False, seed: int = 0) -> dict:
+    """A batch as data.collate makes it, from random numbers and no simulator (openpi's fake
+    data): images, right-padded prompts of different lengths, and either proprio + action
+    chunks (the last step of row 0 padded) or, with answers=True, a labelled answer per row."""
+    g = torch.Generator().manual_seed(seed)
+    tok = vla.tokenizer
+    letters = torch.tensor(tok("abcdefghijklmnopqrstuvwxyz ", add_special_tokens=False)["input_ids"])
+    rows, labels = [], []
+    for i in range(batch_size):  # prompts of 3, 5, 7, ... letters: every row but the last is padded
+        prompt = [tok.bos_token_id] + vla.image_ids + letters[torch.randint(len(letters), (3 + 2 * i,), generator=g)].tolist()
+        answer = letters[torch.randint(len(letters), (3,), generator=g)].tolist() + [tok.eos_token_id] if answers else []
+        rows, labels = rows + [prompt + answer], labels + [[-100] * len(prompt) + answer]
+    L = max(map(len, rows))
+    batch = dict(input_ids=torch.tensor([r + [tok.pad_token_id] * (L - len(r)) for r in rows]),
+                 attention_mask=torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows]),
+                 labels=torch.tensor([lb + [-100] * (L - len(lb)) for lb in labels]),
+                 images=torch.randint(1, 255, (batch_size, vla.cfg.image_size, vla.cfg.image_size, 3), generator=g, dtype=torch.uint8))
+    if not answers:
+        batch.update(proprio=torch.randn(batch_size, vla.cfg.proprio_dim, generator=g),
+                     actions=torch.randn(batch_size, vla.cfg.chunk, vla.cfg.action_dim, generator=g),
+                     action_mask=torch.ones(batch_size, vla.cfg.chunk, dtype=torch.bool))
+        batch["action_mask"][0, -1] = False
+    return batch

@@ -9,16 +9,16 @@ run() { local t=$SECONDS; "$@"; echo "[pipeline] $* : $((SECONDS - t)) s"; }
 
 # 1. Source domain: demonstrations of 4 tasks in the default scene, and their ETC records.
 have data/source || run python data.py collect --out data/source $OW
-have data/source/etc.jsonl || run python data.py etc --data data/source
+have data/source/etc.jsonl || run python etc.py --data data/source
 
 # 2. Target domain: the same tasks on a white table, 5 demonstrations each, and their ETC.
 have data/target || run python data.py collect --out data/target --episodes 5 --variation.table-color white $OW
-have data/target/etc.jsonl || run python data.py etc --data data/target
+have data/target/etc.jsonl || run python etc.py --data data/target
 
 # 3. Task-relevant OOD scenes for ETC only: yellow objects, held-out paraphrases, no actions.
 have data/ood || run python data.py collect --out data/ood --episodes 10 --variation.table-color white \
     --variation.object-color yellow --no-actions $OW
-have data/ood/etc.jsonl || run python data.py etc --data data/ood --paraphrases heldout
+have data/ood/etc.jsonl || run python etc.py --data data/ood --paraphrases heldout
 
 # 4. The three stages: Distribution Bridging, Objective Bridging, Retentive Adaptation.
 #    Stages 2 and 3 end with closed-loop success over 20 fresh layouts per task.

@@ -358,41 +358,6 @@ class World:
         self.env.close()
 
 
-def label_phases(hand: np.ndarray, grip: np.ndarray, obj: np.ndarray, contact: np.ndarray,
-                 success: np.ndarray, task: str) -> list[str]:
-    """A phase name per step, from the state, the contacts and the expert's grip command.
-
-    hand, obj: (T, 3) gripper and main-object positions; grip: (T,) grip command (> 0
-    closes); contact: (T,) World.contact() codes; success: (T,) bool. Phases: approach,
-    grasp, lift, move to goal, release, push, pull, done (reach tasks: move to goal, done)."""
-    dist = np.linalg.norm(hand - obj, axis=1)
-    moved = np.linalg.norm(obj - obj[0], axis=1) > 0.02  # has the object left its start?
-    vel = np.diff(obj, axis=0, append=obj[-1:])  # (T, 3) object motion over the next step
-    moving = np.linalg.norm(vel, axis=1) > 1e-3
-    # pad contacts flicker from step to step: a grasp seen in the last 5 steps still holds
-    gripped = np.convolve(contact == 2, np.ones(5), "full")[:len(hand)] > 0
-    holding = (grip > 0) & gripped
-    phases, carried = [], False
-    for t in range(len(hand)):
-        if success[t]:
-            p = "done"
-        elif task.startswith("reach"):
-            p = "move to goal"
-        elif holding[t] and moved[t]:
-            carried = True  # mostly upward motion is a lift, the rest is transport
-            p = "lift" if vel[t, 2] > np.linalg.norm(vel[t, :2]) else "move to goal"
-        elif grip[t] > 0 and (holding[t] or dist[t] < 0.05) and not moved[t]:
-            p = "grasp"
-        elif carried and grip[t] <= 0:
-            p = "release"
-        elif moving[t] and (contact[t] > 0 or dist[t] < 0.1):
-            p = "pull" if vel[t, 1] < 0 else "push"  # toward the robot is a pull
-        else:
-            p = "approach"
-        phases.append(p)
-    return phases
-
-
 def run_policy(policy, task: str, seeds: list[int], instruction: str, variation: Variation = Variation(),
                image_size: int = 64, max_steps: int = 200, execute: int = 8, frames: list | None = None) -> list[bool]:
     """Closed-loop episodes, one per layout seed; success = Meta-World's success at any step.

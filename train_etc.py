@@ -10,18 +10,16 @@ expert exists in the checkpoint but is untouched here; stage 2 starts a fresh on
 """
 import json
 import math
-import os
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import tyro
 
 import data
+import etc
 import model
+import scaffold
 
 
 @dataclass
@@ -36,12 +34,12 @@ class Config:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     clip: float = 1.0  # gradient-norm clipping
-    levels: tuple[str, ...] = data.LEVELS  # ETC levels used
+    levels: tuple[str, ...] = etc.LEVELS  # ETC levels used
     freeze_vision: bool = False  # freeze the vision tower (ablation)
     holdout: int = 10  # every holdout-th episode's ETC is kept for evaluation only
-    log_every: int = 50
-    eval_every: int = 500  # held-out ETC accuracy every so often (and at the end)
-    save_every: int = 500
+    log_every: int = 50  # 0 = only the last step
+    eval_every: int = 500  # held-out ETC accuracy every so often (and at the end); 0 = only at the end
+    save_every: int = 500  # 0 = only at the end (and on Ctrl-C)
     seed: int = 0  # fixes the initial weights and every batch
     resume: bool = False  # continue a run from out/train_state.pt
     overwrite: bool = False  # replace an existing --out
@@ -49,59 +47,43 @@ class Config:
 
 
 def main(cfg: Config):
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    proc = scaffold.start(cfg.device)
     out = Path(cfg.out)
-    if out.exists() and not (cfg.resume or cfg.overwrite):
-        raise data.DataError(f"{out} exists; pass --resume to continue it, --overwrite to replace it, or another --out")
-    if cfg.batch % world:
-        raise data.DataError(f"--batch {cfg.batch} must be divisible by the {world} processes")
-    sets = [data.Dataset(p) for p in cfg.etc_data]
-    sizes = {ds.meta["image_size"] for ds in sets}
+    scaffold.check_out(out, cfg.resume, cfg.overwrite, cfg.batch, proc.world_size)
+    sizes = {data.Dataset(p).meta["image_size"] for p in cfg.etc_data}
     if len(sizes) > 1:
         raise data.DataError(f"the ETC datasets mix image sizes {sorted(sizes)}; collect them at one --image-size")
     torch.manual_seed(cfg.seed)
     if cfg.resume:
-        vla, state = model.load(out).train(), torch.load(out / "train_state.pt", weights_only=False)
+        vla = model.load(out).train()
     else:
-        vla, state = model.VLA(model.VLAConfig(vlm=cfg.vlm, image_size=sizes.pop(), freeze_vision=cfg.freeze_vision),
-                               stats=sets[0].meta["stats"]), None
-    vla.to(device)
-    etc_sets, probe = [], []
-    for ds in sets:
-        recs = [r for r in data.read_etc(ds.path / "etc.jsonl") if r["level"] in cfg.levels]
-        etc_sets.append((ds, [r for r in recs if not data.held_out(r, cfg.holdout)]))
-        probe += [(ds, r) for r in recs if data.held_out(r, cfg.holdout)][::7][:300]
-    batches = data.Batches(etc_sets, None, vla.tokenizer, vla.image_ids, cfg.batch,
-                           data.Schedule("constant", 1.0, 1.0), {lv: 1.0 for lv in cfg.levels}, cfg.seed)
+        vla = model.VLA(model.VLAConfig(vlm=cfg.vlm, image_size=sizes.pop(), freeze_vision=cfg.freeze_vision),
+                        stats=data.Dataset(cfg.etc_data[0]).meta["stats"], corpus=etc.corpus())
+    vla.to(proc.device)
+    train, held = etc.load(cfg.etc_data, cfg.levels, cfg.holdout)
+    probe = [item for h in held for item in h[::7][:300]]  # a fixed spread of held-out records
+    batches = data.Batches(etc.Samples(train), None, vla.tokenizer, vla.image_ids, cfg.batch,
+                           data.Ramp("constant", 1.0, 1.0), dict.fromkeys(cfg.levels, 1.0), cfg.seed)
     params = [p for n, p in vla.named_parameters() if p.requires_grad and not n.startswith("expert.")]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    start = 0
-    if state:
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-    net = torch.nn.parallel.DistributedDataParallel(vla, find_unused_parameters=True) if world > 1 else vla
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log = open(out.with_name(out.name + ".log.jsonl"), "a" if cfg.resume else "w", buffering=1) if rank == 0 else None  # line-buffered: a crash keeps the log
-    schedule = data.Schedule("cosine", 1.0, cfg.min_lr_ratio, cfg.steps)
+    start = scaffold.load_state(out, optimizer=opt) if cfg.resume else 0
+    net = torch.nn.parallel.DistributedDataParallel(vla, find_unused_parameters=True) if proc.world_size > 1 else vla
+    log = scaffold.open_log(out, cfg.resume, proc)
+    prov = scaffold.provenance("train_etc.py", cfg, None, 0, stage=1, datasets=dict(etc=list(cfg.etc_data)),
+                               etc_mix=dict(levels=list(cfg.levels), fraction=1.0))
 
     def save(step: int):
-        if rank == 0:
-            vla.save(out, dict(optimizer=opt.state_dict(), step=step, config=asdict(cfg)))
+        scaffold.save(vla, out, step, cfg, prov, proc, optimizer=opt)
 
     done, t0 = start, time.perf_counter()
     try:
         for step in range(start, cfg.steps):
-            lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)) * schedule(step)  # warm-up, then cosine
-            for g in opt.param_groups:
-                g["lr"] = lr
-            etc, _ = batches(step, rank, world)
-            with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-                terms = net(etc={k: v.to(device) for k, v in etc.items()})
-            loss, logs = model.global_loss(terms, {"lm": 1.0}, world)
+            lr = scaffold.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+            scaffold.set_lr(opt, lr)
+            batch, _, _ = batches(step, proc.rank, proc.world_size)
+            with torch.autocast("cuda", torch.bfloat16, enabled=proc.cuda):
+                terms = net(etc=scaffold.to(batch, proc.device))
+            loss, logs = model.global_loss(terms, {"lm": 1.0}, proc.world_size)
             if not math.isfinite(logs["lm"]):
                 raise FloatingPointError(f"the loss is {logs['lm']} at step {step}; lower --lr (now {cfg.lr}). "
                                          f"The last checkpoint in {out} is kept.")
@@ -110,32 +92,23 @@ def main(cfg: Config):
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
             done = step + 1  # steps whose update is in the weights
-            if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps - 1):
-                dt = (time.perf_counter() - t0) / (step - start + 1)
-                row = dict(step=step, lm=logs["lm"], lr=lr, ms=1000 * dt, samples_s=cfg.batch / dt)
-                print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
-                log.write(json.dumps(row) + "\n")
-            if step + 1 < cfg.steps and (step + 1) % cfg.save_every == 0:
-                save(step + 1)
-            if rank == 0 and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                log.write(json.dumps(dict(step=step + 1, etc=vla.etc_scores(probe))) + "\n")
-    except KeyboardInterrupt:  # Ctrl-C: keep what was learned, resumable with --resume
-        save(done)
-        print(f"interrupted: saved {done} steps to {out}; continue with --resume", file=sys.stderr)
-        raise SystemExit(130)
+            if proc.rank == 0 and (scaffold.due(step, cfg.log_every) or done == cfg.steps):
+                dt = (time.perf_counter() - t0) / (done - start)
+                scaffold.log(log, dict(step=step, lm=logs["lm"], lr=lr, ms=1000 * dt, samples_s=cfg.batch / dt))
+            if done < cfg.steps and scaffold.due(done, cfg.save_every):
+                save(done)
+            if proc.rank == 0 and done < cfg.steps and scaffold.due(done, cfg.eval_every):
+                scaffold.log(log, dict(step=done, etc=scaffold.etc_accuracy(vla, probe)), echo=False)
+    except KeyboardInterrupt:
+        scaffold.interrupted(save, done, out)
     save(cfg.steps)
-    if rank == 0:
-        summary = dict(stage=1, steps=cfg.steps, etc=vla.etc_scores(probe))
+    if proc.rank == 0:
+        summary = dict(stage=1, steps=cfg.steps, etc=scaffold.etc_accuracy(vla, probe))
         print(json.dumps(summary))
-        log.write(json.dumps(summary) + "\n")
+        scaffold.log(log, summary, echo=False)
         log.close()
-    if world > 1:
-        dist.destroy_process_group()
+    scaffold.finish(proc)
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Config))
-    except (ValueError, FloatingPointError) as err:  # bad input, checkpoint or a diverged run
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    data.cli(main, Config)

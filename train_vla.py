@@ -11,20 +11,18 @@ by its global count, so N processes give the same loss and gradients as one.
 """
 import json
 import math
-import os
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import tyro
 
 import data
+import etc
 import model
+import scaffold
 import sim
 
 # Stage defaults; any of them can be overridden on the command line.
@@ -57,14 +55,14 @@ class Config:
     action_weight_start: float = 1.0  # weight of the action loss against the ETC loss at step 0 ...
     action_weight_end: float = 1.0  # ... and at the last step (cosine in between)
     expert_warmup: int | None = None  # first steps in which the action loss does not reach the VLM
-    levels: tuple[str, ...] = data.LEVELS  # ETC levels used (the paper's category ablation)
+    levels: tuple[str, ...] = etc.LEVELS  # ETC levels used (the paper's category ablation)
     chunk: int = 8  # actions per chunk
     freeze_vision: bool = False  # freeze the vision tower
     insulate: bool = False  # knowledge insulation for the whole run
     holdout: int = 10  # every holdout-th episode's ETC is kept for evaluation only
-    log_every: int = 50
-    eval_every: int = 1000  # held-out ETC accuracy every so often (and at the end)
-    save_every: int = 1000
+    log_every: int = 50  # 0 = only the last step
+    eval_every: int = 1000  # held-out ETC accuracy every so often (and at the end); 0 = only at the end
+    save_every: int = 1000  # 0 = only at the end (and on Ctrl-C)
     eval_episodes: int = 20  # closed-loop episodes per task at the end; 0 skips
     ood_color: str = "yellow"  # stage 3 also evaluates this novel object colour + held-out paraphrases
     seed: int = 0
@@ -81,24 +79,21 @@ def resolve(cfg: Config) -> Config:
     return cfg
 
 
-def lr_at(cfg: Config, step: int) -> float:
-    """Linear warm-up, then cosine from lr down to lr * min_lr_ratio."""
-    ramp = min(1.0, (step + 1) / max(cfg.warmup, 1))
-    return cfg.lr * ramp * data.Schedule("cosine", 1.0, cfg.min_lr_ratio, cfg.steps)(step)
-
-
 def build(cfg: Config, ds: data.Dataset) -> model.VLA:
     """The starting model: the base VLM, a stage-1 VLM with a fresh head, or a stage-2 VLA."""
     torch.manual_seed(cfg.seed)  # a fresh expert starts the same way in every process
     options = dict(head=cfg.head, chunk=cfg.chunk, freeze_vision=cfg.freeze_vision, insulate=cfg.insulate)
     stats = ds.meta["stats"]
     if cfg.init == "base":
-        return model.VLA(model.VLAConfig(vlm=cfg.vlm, image_size=ds.meta["image_size"], **options), stats=stats)
+        return model.VLA(model.VLAConfig(vlm=cfg.vlm, image_size=ds.meta["image_size"], **options), stats=stats,
+                         corpus=etc.corpus())
     if not (Path(cfg.init) / "config.json").is_file():
         prev = "python train_etc.py" if cfg.stage == 2 else "python train_vla.py --stage 2"
         raise model.CheckpointError(f"no checkpoint at {cfg.init}: run stage {cfg.stage - 1} first "
                                     f"(`{prev}`), or pass --init base to fine-tune the base VLM directly")
-    init = model.load(cfg.init)
+    if cfg.stage == 3:  # the whole policy carries on: its action head must have been trained
+        scaffold.require_trained_head(cfg.init, "stage 3 continues a trained policy: pass a stage-2 checkpoint as --init")
+    init = model.load(cfg.init, freeze_vision=cfg.freeze_vision, insulate=cfg.insulate)
     if init.cfg.image_size != ds.meta["image_size"]:
         raise model.CheckpointError(f"{cfg.init} was trained on {init.cfg.image_size} px images, {cfg.action_data} has "
                                     f"{ds.meta['image_size']} px; collect with --image-size {init.cfg.image_size}")
@@ -106,84 +101,52 @@ def build(cfg: Config, ds: data.Dataset) -> model.VLA:
         if init.cfg.head != cfg.head or init.cfg.chunk != cfg.chunk:
             raise model.CheckpointError(f"{cfg.init} has head={init.cfg.head}, chunk={init.cfg.chunk}; "
                                         f"pass --head {init.cfg.head} --chunk {init.cfg.chunk}")
-        init.cfg.freeze_vision, init.cfg.insulate = cfg.freeze_vision, cfg.insulate
-        if cfg.freeze_vision:
-            init.vlm.model.vision_model.requires_grad_(False)
         return init.train()
     # stage 2 from stage 1: keep the bridged VLM, start a fresh action head on it
-    vla = model.VLA(model.VLAConfig(**{**asdict(init.cfg), **options}), init.tokenizer, stats)
+    vla = model.VLA(model.VLAConfig(**{**asdict(init.cfg), **options}), init.tokenizer, stats, init.vlm.config.to_dict())
     vla.vlm.load_state_dict(init.vlm.state_dict())
     return vla
 
 
-def closed_loop(vla: model.VLA, tasks: list[str], episodes: int, variation: sim.Variation,
-                split: str = "train") -> dict:
-    """Success per task on fresh layouts (seeds never used for collection)."""
-    vla.eval()
-    out = {}
-    for task in tasks:
-        text = sim.instructions(task, variation.color_word(), split)[0]
-        policy = lambda im, ins, p: vla.act(torch.from_numpy(im[None].copy()), [ins], p[None])[0]  # noqa: E731
-        seeds = [data.episode_seed(10_000 + k, task, 0) for k in range(episodes)]
-        out[task] = float(np.mean(sim.run_policy(policy, task, seeds, text, variation, vla.cfg.image_size)))
-    vla.train()
-    return out
-
-
 def main(cfg: Config):
     cfg = resolve(cfg)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    proc = scaffold.start(cfg.device)
     out = Path(cfg.out)
-    if out.exists() and not (cfg.resume or cfg.overwrite):
-        raise data.DataError(f"{out} exists; pass --resume to continue it, --overwrite to replace it, or another --out")
-    if cfg.batch % world:
-        raise data.DataError(f"--batch {cfg.batch} must be divisible by the {world} processes")
+    scaffold.check_out(out, cfg.resume, cfg.overwrite, cfg.batch, proc.world_size)
     ds = data.Dataset(cfg.action_data)
-    if cfg.resume:
-        vla = model.load(out, expect=dict(head=cfg.head, chunk=cfg.chunk)).train()
-        state = torch.load(out / "train_state.pt", weights_only=False)
-    else:
-        vla, state = build(cfg, ds), None
-    vla.to(device)
-    etc_sets, probe = [], []
-    for path in cfg.etc_data:
-        eds = data.Dataset(path, image_size=vla.cfg.image_size)
-        recs = [r for r in data.read_etc(eds.path / "etc.jsonl") if r["level"] in cfg.levels]
-        etc_sets.append((eds, [r for r in recs if not data.held_out(r, cfg.holdout)]))
-        probe += [(eds, r) for r in recs if data.held_out(r, cfg.holdout)][::7][:300]  # as in stage 1
-    weights = {lv: 1.0 for lv in cfg.levels}
-    batches = data.Batches(etc_sets, data.ActionSamples(ds, cfg.chunk, stats=vla.stats), vla.tokenizer, vla.image_ids, cfg.batch,
-                           data.Schedule("cosine", cfg.etc_start, cfg.etc_end, cfg.steps), weights, cfg.seed)
+    vla = model.load(out, expect=dict(head=cfg.head, chunk=cfg.chunk)).train() if cfg.resume else build(cfg, ds)
+    vla.to(proc.device)
+    train, held = etc.load(cfg.etc_data, cfg.levels, cfg.holdout, vla.cfg.image_size)
+    probe = [item for h in held for item in h[::7][:300]]  # as in stage 1
+    batches = data.Batches(etc.Samples(train), data.ActionSamples(ds, cfg.chunk, stats=vla.stats), vla.tokenizer,
+                           vla.image_ids, cfg.batch, data.Ramp("cosine", cfg.etc_start, cfg.etc_end, cfg.steps),
+                           dict.fromkeys(cfg.levels, 1.0), cfg.seed)
     params = [p for p in vla.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    start = 0
-    if state:
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-    net = torch.nn.parallel.DistributedDataParallel(vla, find_unused_parameters=True) if world > 1 else vla
-    action_weight = data.Schedule("cosine", cfg.action_weight_start, cfg.action_weight_end, cfg.steps)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log = open(out.with_name(out.name + ".log.jsonl"), "a" if cfg.resume else "w", buffering=1) if rank == 0 else None  # line-buffered: a crash keeps the log
+    start = scaffold.load_state(out, optimizer=opt) if cfg.resume else 0
+    net = torch.nn.parallel.DistributedDataParallel(vla, find_unused_parameters=True) if proc.world_size > 1 else vla
+    action_weight = data.Ramp("cosine", cfg.action_weight_start, cfg.action_weight_end, cfg.steps)
+    log = scaffold.open_log(out, cfg.resume, proc)
+    parent = None if cfg.init == "base" else cfg.init
+    before = (scaffold.action_steps(parent) or 0) if cfg.stage == 3 and parent else 0  # stage 2: a fresh head
+    prov = scaffold.provenance("train_vla.py", cfg, parent, before + cfg.steps, stage=cfg.stage,
+                               datasets=dict(actions=cfg.action_data, etc=list(cfg.etc_data)),
+                               etc_mix=dict(levels=list(cfg.levels), start=cfg.etc_start, end=cfg.etc_end))
 
     def save(step: int):
-        if rank == 0:
-            vla.save(out, dict(optimizer=opt.state_dict(), step=step, config=asdict(cfg)))
+        scaffold.save(vla, out, step, cfg, prov, proc, optimizer=opt)
 
     done, t0, seen = start, time.perf_counter(), []
     try:
         for step in range(start, cfg.steps):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(cfg, step)
-            etc, act = batches(step, rank, world)
-            seen.append(batches.etc_fraction)
-            vla.warming_up = step < cfg.expert_warmup  # the fresh expert's random gradients stay out of the VLM
-            with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-                terms = net(etc=to(etc, device), act=to(act, device))
-            loss, logs = model.global_loss(terms, {"lm": 1.0, vla.cfg.head: action_weight(step)}, world)
+            lr = scaffold.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+            scaffold.set_lr(opt, lr)
+            etc_batch, act_batch, etc_fraction = batches(step, proc.rank, proc.world_size)
+            seen.append(etc_fraction)
+            with torch.autocast("cuda", torch.bfloat16, enabled=proc.cuda):  # a fresh expert's random gradients stay out of the VLM
+                terms = net(etc=scaffold.to(etc_batch, proc.device), act=scaffold.to(act_batch, proc.device),
+                            insulate=step < cfg.expert_warmup)
+            loss, logs = model.global_loss(terms, {"lm": 1.0, vla.cfg.head: action_weight(step)}, proc.world_size)
             if not math.isfinite(float(sum(logs.values()))):
                 raise FloatingPointError(f"the loss is {logs} at step {step}; lower --lr (now {cfg.lr}). "
                                          f"The last checkpoint in {out} is kept.")
@@ -192,43 +155,30 @@ def main(cfg: Config):
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
             done = step + 1  # steps whose update is in the weights
-            if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps - 1):
-                dt = (time.perf_counter() - t0) / (step - start + 1)
-                row = dict(step=step, **logs, lr=lr_at(cfg, step), ms=1000 * dt,
-                           samples_s=cfg.batch / dt, etc_frac=float(np.mean(seen[-cfg.log_every:])))
-                print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
-                log.write(json.dumps(row) + "\n")
-            if step + 1 < cfg.steps and (step + 1) % cfg.save_every == 0:
-                save(step + 1)
-            if rank == 0 and probe and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                log.write(json.dumps(dict(step=step + 1, etc=vla.etc_scores(probe))) + "\n")
-    except KeyboardInterrupt:  # Ctrl-C: keep what was learned, resumable with --resume
-        save(done)
-        print(f"interrupted: saved {done} steps to {out}; continue with --resume", file=sys.stderr)
-        raise SystemExit(130)
+            if proc.rank == 0 and (scaffold.due(step, cfg.log_every) or done == cfg.steps):
+                dt = (time.perf_counter() - t0) / (done - start)
+                scaffold.log(log, dict(step=step, **logs, lr=lr, ms=1000 * dt, samples_s=cfg.batch / dt,
+                                       etc_frac=float(np.mean(seen[-max(cfg.log_every, 1):]))))
+            if done < cfg.steps and scaffold.due(done, cfg.save_every):
+                save(done)
+            if proc.rank == 0 and probe and done < cfg.steps and scaffold.due(done, cfg.eval_every):
+                scaffold.log(log, dict(step=done, etc=scaffold.etc_accuracy(vla, probe)), echo=False)
+    except KeyboardInterrupt:
+        scaffold.interrupted(save, done, out)
     save(cfg.steps)
-    if rank == 0:
-        summary = dict(stage=cfg.stage, steps=cfg.steps, etc=vla.etc_scores(probe) if probe else {})
+    if proc.rank == 0:
+        summary = dict(stage=cfg.stage, steps=cfg.steps, etc=scaffold.etc_accuracy(vla, probe) if probe else {})
         if cfg.eval_episodes:
             var = sim.Variation(**ds.meta["variation"])
-            summary["success"] = closed_loop(vla, ds.tasks, cfg.eval_episodes, var)
+            summary["success"] = scaffold.closed_loop(vla, ds.tasks, cfg.eval_episodes, var)
             if cfg.stage == 3 and cfg.ood_color:
                 ood = sim.Variation(**{**ds.meta["variation"], "object_color": cfg.ood_color})
-                summary["success_ood"] = closed_loop(vla, ds.tasks, cfg.eval_episodes, ood, "heldout")
+                summary["success_ood"] = scaffold.closed_loop(vla, ds.tasks, cfg.eval_episodes, ood, "heldout")
         print(json.dumps(summary))
-        log.write(json.dumps(summary) + "\n")
+        scaffold.log(log, summary, echo=False)
         log.close()
-    if world > 1:
-        dist.destroy_process_group()
-
-
-def to(batch: dict | None, device) -> dict | None:
-    return None if batch is None else {k: v.to(device) for k, v in batch.items()}
+    scaffold.finish(proc)
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Config))
-    except (ValueError, FloatingPointError) as err:  # bad input, checkpoint or a diverged run
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    data.cli(main, Config)

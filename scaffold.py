@@ -1,0 +1,206 @@
+"""The training scaffold: what train_etc.py, train_vla.py and distill_sdm.py need around their
+own explicit `for step in range(...)` loops, as plain functions (no Trainer, no callbacks):
+
+    process set-up (DDP under torchrun)    start, finish, to
+    the run's folder and resume            check_out, save, load_state, interrupted, provenance
+    the learning rate                      lr_at, set_lr
+    "once in a while"                      due, log
+    evaluation during and after training   policy, closed_loop, etc_accuracy
+
+A run is resumable exactly because every batch, and every random draw in it, is a function of
+(seed, step); train_state.pt holds the step and the optimizer state, so nothing else is needed.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+import etc
+import model
+import sim
+
+ROOT = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------------------
+# Processes
+@dataclass(frozen=True)
+class Process:
+    rank: int  # this process's index among world_size (0 without torchrun)
+    world_size: int
+    device: torch.device
+    cuda: bool
+
+
+def start(device: str = "auto") -> Process:
+    """This process under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or alone; DDP's process group
+    with nccl on GPUs, gloo on CPUs. device: auto | cpu | cuda."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    if world_size > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Process(rank, world_size, dev, cuda)
+
+
+def finish(proc: Process):
+    if proc.world_size > 1:
+        dist.destroy_process_group()
+
+
+def to(batch: dict | None, device) -> dict | None:
+    return None if batch is None else {k: v.to(device) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# The run's folder: checkpoints, exact resume, Ctrl-C, provenance
+def check_out(out: Path, resume: bool, overwrite: bool, batch: int = 0, world_size: int = 1):
+    """Stop before any work when --out, --resume or --batch cannot be honoured."""
+    if resume and not (out / "train_state.pt").is_file():
+        raise model.CheckpointError(f"nothing to resume at {out} (no train_state.pt); drop --resume to start a new run")
+    if out.exists() and not (resume or overwrite):
+        raise data.DataError(f"{out} exists; pass --resume to continue it, --overwrite to replace it, or another --out")
+    if batch % world_size:
+        raise data.DataError(f"--batch {batch} must be divisible by the {world_size} processes")
+
+
+def save(vla: model.VLA, out: Path, step: int, cfg, provenance: dict, proc: Process, **states):
+    """The checkpoint folder (rank 0 writes it), with train_state.pt: the step, the config and
+    the state_dict() of each object in `states` (optimizers, extra networks)."""
+    if proc.rank == 0:
+        state = dict(step=step, config=asdict(cfg), **{k: v.state_dict() for k, v in states.items()})
+        vla.save(out, state, dict(provenance, steps_done=step))
+
+
+def load_state(out: Path, **states) -> int:
+    """Restore each object in `states` from out/train_state.pt; the step to continue from."""
+    try:
+        state = torch.load(out / "train_state.pt", weights_only=False)
+        for k, obj in states.items():
+            obj.load_state_dict(state[k])
+    except (OSError, RuntimeError, KeyError, ValueError) as err:
+        raise model.CheckpointError(f"{out}/train_state.pt cannot be resumed from ({err}); start again with --overwrite") from None
+    return state["step"]
+
+
+def interrupted(save_at, done: int, out: Path):
+    """Ctrl-C: save the `done` steps whose update is in the weights, then exit 130 (as a shell
+    does); the run continues exactly with --resume."""
+    save_at(done)
+    print(f"interrupted: saved {done} steps to {out}; continue with --resume", file=sys.stderr)
+    raise SystemExit(130)
+
+
+def commit() -> str | None:
+    """The code's git commit ('+dirty' with uncommitted changes to tracked files), if known."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "") if head.returncode == 0 else None
+
+
+def provenance(script: str, cfg, parent: str | None, action_steps: int, **fields) -> dict:
+    """What produced a checkpoint, for config.json: the script and its whole config, the parent
+    checkpoint, the code commit, and action_steps: the optimiser steps its action head has been
+    trained for, over the whole chain of parents (0: never; evaluation refuses such a policy)."""
+    return dict(script=script, **fields, parent=parent, action_steps=action_steps, seed=cfg.seed,
+                code=commit(), config=asdict(cfg))
+
+
+def action_steps(ckpt: str | Path) -> int | None:
+    """How long a checkpoint's action head was trained (None: not recorded, e.g. saved by hand)."""
+    return model.read_config(ckpt)["provenance"].get("action_steps")
+
+
+def require_trained_head(ckpt: str | Path, fix: str):
+    if action_steps(ckpt) == 0:
+        p = model.read_config(ckpt)["provenance"]
+        raise model.CheckpointError(f"{ckpt}'s action expert was never trained (it was written by {p.get('script')}, "
+                                    f"stage {p.get('stage')}); {fix}")
+
+
+# ----------------------------------------------------------------------------------------
+# The learning rate and the log
+def lr_at(step: int, peak: float, warmup: int, steps: int, min_ratio: float = 0.1) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from peak to peak * min_ratio at `steps`:
+    lr = peak * min(1, (step + 1) / warmup) * (1 - (1 - min_ratio) (1 - cos(pi step / steps)) / 2)."""
+    x = min(max(step / max(steps, 1), 0.0), 1.0)
+    return peak * min(1.0, (step + 1) / max(warmup, 1)) * (1.0 + (min_ratio - 1.0) * (0.5 * (1 - math.cos(math.pi * x))))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float):
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def due(n: int, every: int) -> bool:
+    """'Once in a while': n is a multiple of `every`; every = 0 means never."""
+    return every > 0 and n % every == 0
+
+
+def open_log(out: Path, resume: bool, proc: Process):
+    """out.log.jsonl beside the checkpoint folder (rank 0), line-buffered so a crash keeps it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return open(out.with_name(out.name + ".log.jsonl"), "a" if resume else "w", buffering=1) if proc.rank == 0 else None
+
+
+def log(f, row: dict, echo: bool = True):
+    """One JSON line in the log; the same as `step 50 lm 0.31 lr 0.001 ...` on the terminal."""
+    if echo:
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    if f is not None:
+        f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation: closed loop in the simulator, and ETC questions
+def policy(vla: model.VLA, steps: int | None = None):
+    """sim.run_policy's policy for a VLA: (image, instruction, raw proprio) -> raw actions (H, 4)
+    in [-1, 1], through the normalisation stats the policy was trained with."""
+    p, a = ({k: np.array(v) for k, v in vla.stats[n].items()} for n in ("proprio", "actions"))
+
+    def act(image: np.ndarray, instruction: str, proprio: np.ndarray) -> np.ndarray:
+        s = dict(image=image, text=instruction + "\n", proprio=((proprio - p["mean"]) / p["std"]).astype(np.float32))
+        chunk = vla.sample(to(data.collate([s], vla.tokenizer, vla.image_ids), vla.device), steps)[0]
+        return np.clip(chunk.float().cpu().numpy() * a["std"] + a["mean"], -1, 1)
+    return act
+
+
+def closed_loop(vla: model.VLA, tasks: list[str], episodes: int, variation: sim.Variation, split: str = "train") -> dict:
+    """Success per task on evaluation seed 0's fresh layouts (eval.py success's first seed)."""
+    vla.eval()
+    out = {}
+    for task in tasks:
+        text = sim.instructions(task, variation.color_word(), split)[0]
+        seeds = data.eval_seeds(task, 0, episodes)
+        out[task] = float(np.mean(sim.run_policy(policy(vla), task, seeds, text, variation, vla.cfg.image_size)))
+    vla.train()
+    return out
+
+
+@torch.no_grad()
+def etc_accuracy(vla: model.VLA, items: list[tuple], batch: int = 32, max_new: int = 32) -> dict:
+    """Greedy answers to (dataset, record) ETC items, scored per level by etc.scores."""
+    was_training, preds = vla.training, []
+    vla.eval()
+    tok = vla.tokenizer
+    for i in range(0, len(items), batch):
+        samples = [{k: v for k, v in etc.sample(ds, r).items() if k != "answer"} for ds, r in items[i:i + batch]]
+        rows = model.greedy(vla.vlm, to(data.collate(samples, tok, vla.image_ids), vla.device), max_new,
+                            tok.eos_token_id, tok.pad_token_id).tolist()
+        preds += [tok.decode(r[:r.index(tok.eos_token_id)] if tok.eos_token_id in r else r) for r in rows]
+    vla.train(was_training)
+    return etc.scores([r for _, r in items], preds)
