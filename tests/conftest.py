@@ -1,4 +1,10 @@
-"""Shared fixtures: one tiny real dataset (collected once per run) and a real tokenizer."""
+"""Shared fixtures: one tiny real dataset (collected once per run) and a real tokenizer.
+
+The simulator is imported only by the fixtures that collect data, so that the model tests
+(tests/test_model.py) run without MuJoCo. Every test fails on a deprecation notice that our
+use of a library raises: pytest.ini turns DeprecationWarning and FutureWarning into errors, and
+the fixture below does the same for transformers' deprecation messages, which are logged."""
+import logging
 import sys
 from pathlib import Path
 
@@ -6,12 +12,24 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import data  # noqa: E402
+
+@pytest.fixture(autouse=True)
+def no_deprecation_notices():
+    class Catch(logging.Handler):
+        def emit(self, record):
+            if "deprecat" in record.getMessage().lower():
+                seen.append(record.getMessage())
+    seen, handler, log = [], Catch(), logging.getLogger("transformers")
+    log.addHandler(handler)
+    yield
+    log.removeHandler(handler)
+    assert not seen, f"a library says our use of it is deprecated: {seen}"
 
 
 @pytest.fixture(scope="session")
 def dataset_path(tmp_path_factory):
     """Two tasks, two episodes each, collected by the real simulator and experts."""
+    import data
     out = tmp_path_factory.mktemp("ds") / "source"
     data.collect(data.Collect(tasks=("reach", "pick-place"), episodes=2, out=str(out), workers=1))
     return out
@@ -19,6 +37,7 @@ def dataset_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def dataset(dataset_path):
+    import data
     return data.Dataset(dataset_path)
 
 
@@ -41,5 +60,6 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def etc_path(dataset_path):
     """The tiny dataset with its etc.jsonl written."""
-    data.write_etc(data.Etc(data=str(dataset_path)))
+    import etc
+    etc.write(etc.Etc(data=str(dataset_path)))
     return dataset_path

@@ -1,6 +1,4 @@
-"""Datasets, ETC records, the mixing sampler and collation, on real collected data."""
-import json
-import re
+"""Datasets, the mixing sampler and collation, on real collected data."""
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +7,7 @@ import numpy as np
 import pytest
 
 import data
+import etc
 import sim
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,103 +44,9 @@ def test_dataset_layout_and_stats(dataset):
     np.testing.assert_allclose(m["stats"]["actions"]["mean"], acts.mean(0), atol=1e-5)
 
 
-def replay(dataset, task, episode):
-    """Re-run an episode's stored actions in a fresh World from its layout seed."""
-    a = dataset.arrays[task]
-    frames = dataset.episode_frames(task)[episode]
-    w = sim.World(task)
-    states = []
-    try:
-        # which attempt seed produced this episode: the one whose layout matches frame 0
-        for seed in dataset.meta["tasks"][task]["seeds"]:
-            w.seed(seed)
-            if np.allclose(w.objects(), a["objects"][frames[0]]) and np.allclose(w.goal(), a["goal"][frames[0]]):
-                break
-        else:
-            raise AssertionError("no stored seed reproduces the episode's layout")
-        success = False
-        for i in frames:
-            states.append(dict(objects=w.objects(), hand=w.hand(), goal=w.goal(), gripper=w.gripper(), success=success))
-            success = w.step(np.asarray(a["actions"][i])) or success
-    finally:
-        w.close()
-    return frames, states
-
-
-def test_etc_answers_agree_with_the_simulator(dataset):
-    """Replay an episode in the simulator and recompute each ETC answer from its state."""
-    recs = [r for r in data.etc_records(dataset, every=1) if r["task"] == "pick-place" and r["episode"] == 1]
-    frames, states = replay(dataset, "pick-place", 1)
-    cam = sim.Camera()
-    checked = set()
-    for r in recs:
-        s = states[r["frame"] - frames[0]]
-        px = lambda xyz: " ".join(str(int(c)) for c in sim.project(xyz, cam, 64, 64))  # noqa: E731
-        if r["question"] == "where is the puck?":
-            assert r["answer"] == px(s["objects"][0])
-        elif r["question"] == "where is the gripper?":
-            assert r["answer"] == px(s["hand"])
-        elif r["question"] == "where is the goal?":
-            assert r["answer"] == px(s["goal"])
-        elif r["kind"] == "gripper":
-            assert r["answer"] == ("open" if s["gripper"] > 0.5 else "closed")
-        elif r["kind"] == "done":
-            assert r["answer"] == ("yes" if s["success"] else "no")
-        elif r["kind"] == "relation":
-            side = r["answer"].split(", ")[1]
-            dz = s["hand"][2] - s["objects"][0][2]
-            assert side == ("above" if dz > 0.01 else "below" if dz < -0.01 else "level")
-        else:
-            continue
-        checked.add(r["kind"])
-    assert checked == {"point", "gripper", "done", "relation"}
-    assert any(r["answer"] == "yes" for r in recs if r["kind"] == "done")
-    assert {r["answer"] for r in recs if r["kind"] == "gripper"} == {"open", "closed"}
-
-
-ANSWER = {  # kind -> the answer's exact shape
-    "point": r"\d+ \d+", "box": r"\d+ \d+ \d+ \d+", "trajectory": r"(\d+ \d+, ){4}\d+ \d+",
-    "gripper": r"open|closed", "done": r"yes|no", "color": r"[a-z]+", "contact": r"\d+ \d+",
-    "subgoal": "|".join(data.PHASES),
-    "relation": r"(left|right|aligned), (above|below|level), (in front|behind|level)",
-    "motion": r"(stay|left|right|up|down|toward the camera|away from the camera)( and (open|close) the gripper)?",
-}
-
-
-def test_every_record_parses_and_lies_in_the_image(dataset_path, dataset):
-    data.write_etc(data.Etc(data=str(dataset_path)))
-    recs = data.read_etc(dataset_path / "etc.jsonl")
-    assert {r["level"] for r in recs} == set(data.LEVELS)
-    for r in recs:
-        assert re.fullmatch(ANSWER[r["kind"]], r["answer"]), r
-        nums = [int(x) for x in re.findall(r"\d+", r["answer"])] if r["kind"] in ("point", "box", "trajectory", "contact") else []
-        assert all(0 <= x < 64 for x in nums), r
-        if r["kind"] == "box":
-            assert nums[0] <= nums[2] and nums[1] <= nums[3]
-        assert 0 <= r["frame"] < dataset.meta["tasks"][r["task"]]["frames"]
-    # readable: one JSON object per line
-    assert json.loads((dataset_path / "etc.jsonl").read_text().splitlines()[0])["task"] in dataset.tasks
-
-
-def test_ood_etc_has_colour_words_heldout_paraphrases_and_no_actions(tmp_path):
-    out = tmp_path / "ood"
-    data.collect(data.Collect(tasks=("push",), episodes=1, out=str(out), workers=1, actions=False,
-                              variation=sim.Variation(object_color="yellow")))
-    ds = data.Dataset(out)
-    assert "actions" not in ds.arrays["push"] and not (out / "push" / "actions.npy").exists()
-    with pytest.raises(data.DataError, match="no-actions"):
-        data.ActionSamples(ds, chunk=8)
-    recs = data.etc_records(ds, paraphrases="heldout")
-    heldout = sim.instructions("push", "yellow", "heldout")[0]
-    assert any(heldout in r["question"] for r in recs)
-    assert not any(t in r["question"] for r in recs for t in sim.instructions("push", "yellow", "train"))
-    assert {r["answer"] for r in recs if r["kind"] == "color"} == {"yellow"}
-    assert any("yellow puck" in r["question"] for r in recs)
-
-
-@pytest.mark.parametrize("schedule", [data.Schedule("constant", 0.3, 0.3, 200),
-                                      data.Schedule("linear", 0.8, 0.2, 200),
-                                      data.Schedule("cosine", 0.5, 0.1, 200)])
+@pytest.mark.parametrize("schedule", [data.Ramp("constant", 0.3, 0.3, 200),
+                                      data.Ramp("linear", 0.8, 0.2, 200),
+                                      data.Ramp("cosine", 0.5, 0.1, 200)])
 def test_sampler_etc_fraction_follows_the_schedule(schedule):
     levels = ["scene"] * 500 + ["task"] * 300 + ["planning"] * 200
     s = data.MixedSampler(levels, n_action=1000, batch_size=32, etc_fraction=schedule, seed=1)
@@ -154,19 +59,19 @@ def test_sampler_etc_fraction_follows_the_schedule(schedule):
 
 def test_sampler_level_weights_and_determinism():
     levels = ["scene"] * 500 + ["task"] * 300 + ["planning"] * 200
-    s = data.MixedSampler(levels, 100, 64, data.Schedule("constant", 1.0, 1.0), {"scene": 1, "task": 3, "planning": 0}, seed=2)
+    s = data.MixedSampler(levels, 100, 64, data.Ramp("constant", 1.0, 1.0), {"scene": 1, "task": 3, "planning": 0}, seed=2)
     picked = np.concatenate([s.batch(t)[0] for t in range(100)])
     frac_task = np.mean(np.array(levels)[picked] == "task")
     assert abs(frac_task - 0.75) < 0.03 and "planning" not in set(np.array(levels)[picked])
-    again = data.MixedSampler(levels, 100, 64, data.Schedule("constant", 1.0, 1.0), {"scene": 1, "task": 3, "planning": 0}, seed=2)
+    again = data.MixedSampler(levels, 100, 64, data.Ramp("constant", 1.0, 1.0), {"scene": 1, "task": 3, "planning": 0}, seed=2)
     for t in (0, 17, 99):  # batch t is a function of (seed, t): exact resume at any step
         np.testing.assert_array_equal(s.batch(t)[0], again.batch(t)[0])
 
 
 def test_collate_masks_labels_to_the_answer(dataset, tokenizer):
-    recs = data.etc_records(dataset)[:3]
+    recs = etc.records(dataset)[:3]
     image_ids = tokenizer.convert_tokens_to_ids(["<image>"]) * 4
-    samples = [data.etc_sample(dataset, r) for r in recs]
+    samples = [etc.sample(dataset, r) for r in recs]
     b = data.collate(samples, tokenizer, image_ids)
     B, L = b["input_ids"].shape
     assert b["images"].shape == (3, 64, 64, 3) and b["labels"].shape == (B, L)
@@ -220,17 +125,15 @@ def test_bad_inputs_give_one_clear_error_and_keep_what_is_on_disk(tmp_path, data
         data.Dataset(bad)
     (bad / "etc.jsonl").write_text('{"task": "reach"}\n')
     with pytest.raises(data.DataError, match="etc.jsonl:1"):
-        data.read_etc(bad / "etc.jsonl")
+        etc.read(bad / "etc.jsonl")
 
 
 @pytest.mark.parametrize("args, message", [
     (["collect", "--tasks", "pussh"], "unknown task 'pussh'; valid tasks: assembly"),
     (["collect", "--variation.object-color", "blurple"], "unknown colour 'blurple'"),
-    (["etc", "--data", "/nonexistent/ds"], "no dataset at /nonexistent/ds: run `python data.py collect"),
 ])
 def test_cli_bad_input_exits_non_zero_with_one_line(tmp_path, args, message):
-    r = subprocess.run([sys.executable, "data.py", *args, "--out", str(tmp_path / "x")] if args[0] == "collect"
-                       else [sys.executable, "data.py", *args], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "data.py", *args, "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "x").exists()

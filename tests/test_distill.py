@@ -127,12 +127,40 @@ def test_distillation_writes_a_one_step_checkpoint(method, options, dataset_path
     moved = [n for (n, a), b in zip(teacher.expert.state_dict().items(), student.expert.state_dict().values())
              if not torch.equal(a, b)]
     assert moved and all(torch.equal(a, b) for a, b in zip(teacher.vlm.parameters(), student.vlm.parameters()))
-    images = torch.from_numpy(data.Dataset(dataset_path).arrays["reach"]["images"][:2].copy())
-    z = torch.randn(2, 8, 4)
-    chunk = student.predict_action_chunk(images, ["reach the goal"] * 2, torch.zeros(2, 4), noise=z)
-    batch = student.batch_from(images, ["reach the goal\n"] * 2, torch.zeros(2, 4))
+    batch, z = model.fake_batch(student, 2), torch.randn(2, 8, 4)
     with torch.no_grad():  # the default one step is the generator's single pass D_G(z, 1)
-        torch.testing.assert_close(chunk, student.denoise(z, torch.ones(2), student.prefix(batch)))
+        torch.testing.assert_close(student.sample(batch, noise=z), student.denoise(z, torch.ones(2), student.prefix(batch)))
+    assert model.read_config(tmp_path / method)["provenance"]["parent"] == str(tmp_path / "teacher")
     with pytest.raises(ValueError, match="exists"):  # an existing student is never overwritten
         sdm.main(sdm.Config(method=method, teacher=str(tmp_path / "teacher"), data=(str(dataset_path),),
                             out=str(tmp_path / method), steps=1))
+
+
+def test_an_interrupted_distillation_resumes_to_the_same_student(dataset_path, tmp_path, monkeypatch):
+    """Ctrl-C at step 4 of 7, then --resume: the student and every trained network (G, its EMA,
+    the fake score, the GAN head, both optimizers) end as in the uninterrupted run."""
+    torch.manual_seed(0)
+    model.VLA(model.VLAConfig(), stats=data.Dataset(dataset_path).meta["stats"]).save(tmp_path / "teacher")
+    kw = dict(teacher=str(tmp_path / "teacher"), data=(str(dataset_path),), steps=7, batch=4, fake_updates=2,
+              log_every=1, eval_every=0, save_every=3, ema=0.9, gan_weight=3e-3)
+    sdm.main(sdm.Config(out=str(tmp_path / "whole"), **kw))
+    real = sdm.observations
+
+    def interrupt_at_4(sets, tok, ids, cfg, step, stream=0):
+        if stream == 0 and step == 4:
+            raise KeyboardInterrupt
+        return real(sets, tok, ids, cfg, step, stream)
+    monkeypatch.setattr(sdm, "observations", interrupt_at_4)
+    with pytest.raises(SystemExit) as stop:
+        sdm.main(sdm.Config(out=str(tmp_path / "cut"), **kw))
+    assert stop.value.code == 130
+    assert torch.load(tmp_path / "cut" / "train_state.pt", weights_only=False)["step"] == 4
+    monkeypatch.undo()
+    sdm.main(sdm.Config(out=str(tmp_path / "cut"), resume=True, **kw))
+    a, b = (torch.load(tmp_path / p / "train_state.pt", weights_only=False) for p in ("whole", "cut"))
+    for net in ("generator", "ema", "fake", "gan"):
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), (net, k)
+    for k, v in model.load(tmp_path / "whole").state_dict().items():
+        assert torch.equal(v, model.load(tmp_path / "cut").state_dict()[k]), k
+    assert a["opt_g"]["state"][0]["exp_avg"].equal(b["opt_g"]["state"][0]["exp_avg"])

@@ -45,7 +45,7 @@ def test_rollouts_accept_any_colour_and_instruction_and_write_results(dataset_pa
     assert (tmp_path / "eval" / "run.md").read_text().count("| reach |") == 2
     assert len(list((tmp_path / "eval").glob("*.gif"))) == 2  # one per condition, from the first seed
 
-    scores = ev.etc(ev.Etc(ckpt=str(tmp_path / "policy"), data=(str(etc_path),), holdout=2, limit=12, out=str(tmp_path / "eval")))
+    scores = ev.etc_accuracy(ev.EtcAccuracy(ckpt=str(tmp_path / "policy"), data=(str(etc_path),), holdout=2, limit=12, out=str(tmp_path / "eval")))
     assert scores["records"] == 12 and set(scores["scores"]) <= {"scene", "task", "planning"}
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{ev.MARK[0]}\nold\n{ev.MARK[1]}\noutro\n")
@@ -59,7 +59,7 @@ def test_bad_input_stops_clearly(dataset_path, tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown colour 'bleu'"):
         ev.success(ev.Success(ckpt=str(tmp_path / "none"), data=str(dataset_path), object_colors=("bleu",)))
     with pytest.raises(model.CheckpointError, match="no checkpoint"):
-        ev.etc(ev.Etc(ckpt=str(tmp_path / "none")))
+        ev.etc_accuracy(ev.EtcAccuracy(ckpt=str(tmp_path / "none")))
     readme = tmp_path / "README.md"
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="marker"):

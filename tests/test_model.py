@@ -1,11 +1,19 @@
-"""The VLA: shapes, learning, the flow-matching math, the KV cache, action tokens, checkpoints."""
+"""The VLA: shapes, learning, the flow-matching math, the KV cache, action tokens, checkpoints.
+
+Every batch here is model.fake_batch's: these tests need neither the simulator nor a dataset."""
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import bench
-import data
 import model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -14,37 +22,31 @@ def vla():
     return model.VLA(model.VLAConfig())
 
 
-@pytest.fixture(scope="module")
-def batches(vla, dataset):
-    acts = data.ActionSamples(dataset, chunk=8)
-    rng = np.random.default_rng(0)
-    last = dataset.episode_frames("reach")[0][-1]  # a chunk that runs past the episode's end
-    ids = [acts.index.index(("reach", int(last) - 2))] + list(range(0, len(acts), len(acts) // 5))[:5]
-    action = data.collate([acts(i, rng) for i in ids], vla.tokenizer, vla.image_ids)
-    recs = data.etc_records(dataset)[::97][:6]
-    etc = data.collate([data.etc_sample(dataset, r) for r in recs], vla.tokenizer, vla.image_ids)
-    return action, etc, recs
+def test_import_model_loads_neither_the_simulator_nor_the_data_code():
+    code = "import sys, model; bad = {'mujoco', 'sim', 'data', 'etc'} & set(sys.modules); assert not bad, bad"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1000:]
 
 
-def test_shapes_and_loss_terms(vla, batches):
-    action, etc, recs = batches
-    out = vla.loss(action)
+def test_shapes_and_loss_terms(vla):
+    act, etc = model.fake_batch(vla, 6), model.fake_batch(vla, 3, answers=True)
+    out = vla.loss(act)
     assert out["loss"].ndim == 0 and set(out) == {"loss", "flow"} and torch.isfinite(out["loss"])
     assert set(vla.loss(etc)) == {"loss", "lm"}
     vla.eval()
-    chunk = vla.predict_action_chunk(action["images"], ["push the puck"] * 6, action["proprio"], num_steps=2)
-    assert chunk.shape == (6, 8, 4)
-    answers = vla.answer(etc["images"][:2], [r["question"] for r in recs[:2]], max_new=4)
-    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
-    prefix = vla.prefix(action)
-    assert len(prefix["kv"]) == len(vla.cfg.feed_layers) == 4
-    assert prefix["kv"][0][0].shape[:2] == (6, vla.cfg.expert_heads)
+    assert vla.sample(act, 2).shape == (6, 8, 4)
+    new = model.greedy(vla.vlm, etc, 4, vla.tokenizer.eos_token_id, vla.tokenizer.pad_token_id)
+    assert new.shape[0] == 3 and new.shape[1] <= 4
+    prefix = vla.prefix(act)
+    assert len(prefix["kv"]) == len(vla.feed_layers) == 4
+    assert vla.expert.project(prefix)["kv"][0][0].shape[:2] == (6, vla.cfg.expert_heads)
 
 
-def overfit(cfg: model.VLAConfig, batch: dict, steps: int, key: str) -> tuple[float, float]:
-    """Train a fresh model on one batch, fixed noise and times; first and last loss."""
+def overfit(cfg: model.VLAConfig, answers: bool, steps: int, key: str) -> tuple[float, float]:
+    """Train a fresh model on one fake batch, fixed noise and times; first and best late loss."""
     torch.manual_seed(0)
     m = model.VLA(cfg)
+    batch = model.fake_batch(m, 6, answers=answers)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     losses = []
     for _ in range(steps):
@@ -56,14 +58,10 @@ def overfit(cfg: model.VLAConfig, batch: dict, steps: int, key: str) -> tuple[fl
     return losses[0], min(losses[-5:])
 
 
-@pytest.mark.parametrize("head, key, steps", [("flow", "flow", 150), ("tokens", "tokens", 60)])
-def test_overfitting_one_batch_cuts_the_loss_tenfold(batches, head, key, steps):
-    first, last = overfit(model.VLAConfig(head=head), batches[0], steps, key)
-    assert last < first / 10, (first, last)
-
-
-def test_overfitting_etc_answers(batches):
-    first, last = overfit(model.VLAConfig(), batches[1], 60, "lm")
+@pytest.mark.parametrize("head, answers, key, steps", [("flow", False, "flow", 150), ("tokens", False, "tokens", 60),
+                                                       ("flow", True, "lm", 60)], ids=["flow", "tokens", "etc"])
+def test_overfitting_one_batch_cuts_the_loss_tenfold(head, answers, key, steps):
+    first, last = overfit(model.VLAConfig(head=head), answers, steps, key)
     assert last < first / 10, (first, last)
 
 
@@ -74,66 +72,68 @@ def test_euler_is_exact_for_a_constant_velocity():
         np.testing.assert_allclose(model.euler(lambda x, t: c, x1, n), x1 - c, atol=1e-6)
 
 
-def test_denoiser_and_schedule_follow_the_time_convention(vla, batches):
+def test_denoiser_and_schedule_follow_the_time_convention(vla):
     """x0_hat = x_t - t v and score = -(x_t - alpha x0_hat) / sigma^2 = -eps_hat / sigma."""
-    action = batches[0]
+    act = model.fake_batch(vla, 6)
     vla.eval()
     with torch.no_grad():
-        prefix = vla.prefix(action)
-        a, eps, t = action["actions"], torch.randn_like(action["actions"]), torch.full((6,), 0.3)
+        prefix = vla.prefix(act)
+        a, eps, t = act["actions"], torch.randn_like(act["actions"]), torch.full((6,), 0.3)
         x_t, u = model.flow_target(a, eps, t)
         alpha, sigma = model.schedule(t)
         np.testing.assert_allclose(x_t, alpha[:, None, None] * a + sigma[:, None, None] * eps, atol=1e-6)
         np.testing.assert_allclose(x_t - t[:, None, None] * u, a, atol=1e-6)  # a perfect v gives x0
-        v = vla.expert(x_t, t, action["proprio"], prefix)
+        v = vla.expert(x_t, t, vla.expert.project(prefix))
         np.testing.assert_allclose(vla.denoise(x_t, t, prefix), x_t - 0.3 * v, atol=1e-6)
+        ones = torch.ones(6)  # at t = 1 the denoiser is one Euler step: what a one-step student samples
+        np.testing.assert_allclose(vla.denoise(eps, ones, prefix), model.euler(lambda x, tt: vla.expert(x, tt, vla.expert.project(prefix)), eps, 1), atol=1e-6)
 
 
-def test_cached_prefix_sampling_equals_recomputing_the_prefix(vla, batches):
-    action = batches[0]
+def test_cached_prefix_sampling_equals_recomputing_the_prefix(vla):
+    act = model.fake_batch(vla, 6)
     vla.eval()
     x1 = torch.randn(6, 8, 4)
     with torch.no_grad():
-        cached = vla.predict_action_chunk(action["images"], ["push the puck"] * 6, action["proprio"], 5, noise=x1)
-        b = vla.batch_from(action["images"], ["push the puck\n"] * 6, action["proprio"])
-        fresh = model.euler(lambda x, t: vla.expert(x, t, b["proprio"], vla.prefix(b)), x1, 5)
+        cached = vla.sample(act, 5, noise=x1)
+        fresh = model.euler(lambda x, t: vla.expert(x, t, vla.expert.project(vla.prefix(act))), x1, 5)
     np.testing.assert_allclose(cached, fresh, atol=1e-5)
 
 
-def test_padding_does_not_change_the_prefix(vla, batches):
-    """The same observation alone and in a batch with longer prompts gives the same chunk."""
-    action = batches[0]
+def test_padding_does_not_change_the_prefix(vla):
+    """Row 0 alone and right-padded in a batch with a longer prompt gives the same chunk."""
+    act = model.fake_batch(vla, 2)
+    n = int(act["attention_mask"][0].sum())
+    assert n < act["input_ids"].shape[1]  # row 0 is padded
+    alone = {k: v[:1, :n] if k in ("input_ids", "attention_mask") else v[:1] for k, v in act.items()}
     vla.eval()
     x1 = torch.randn(2, 8, 4)
-    with torch.no_grad():
-        alone = vla.predict_action_chunk(action["images"][:1], ["reach"], action["proprio"][:1], 3, noise=x1[:1])
-        padded = vla.predict_action_chunk(action["images"][:2], ["reach", "a much longer instruction here"],
-                                          action["proprio"][:2], 3, noise=x1)
-    np.testing.assert_allclose(alone[0], padded[0], atol=1e-5)
+    np.testing.assert_allclose(vla.sample(alone, 3, noise=x1[:1])[0], vla.sample(act, 3, noise=x1)[0], atol=1e-5)
 
 
-def test_action_tokens_round_trip_within_one_bin(vla):
+def test_action_tokens_round_trip_within_half_a_bin(vla):
     a = torch.empty(64, 8, 4).uniform_(-3, 3)
-    ids = vla.action_token_ids(a)
-    assert ids.min() >= vla.act0 and ids.max() < vla.act0 + vla.cfg.bins
-    back = vla.from_bins(ids - vla.act0).view_as(a)
+    bins = model.to_bins(a, vla.cfg.bins, vla.cfg.token_range)
+    assert bins.min() >= 0 and bins.max() < vla.cfg.bins
     width = 2 * vla.cfg.token_range / vla.cfg.bins
-    assert (back - a).abs().max() <= width / 2 + 1e-6  # bin centres: within half a bin
-    assert vla.tokenizer.convert_ids_to_tokens(int(ids[0, 0])).startswith("<act")
+    assert (model.from_bins(bins, vla.cfg.bins, vla.cfg.token_range) - a).abs().max() <= width / 2 + 1e-6
+    assert vla.tokenizer.convert_ids_to_tokens(int(bins[0, 0, 0]) + vla.act0).startswith("<act")
 
 
-def test_save_load_round_trip_is_identical(vla, batches, tmp_path):
-    action = batches[0]
+def test_save_load_round_trip_is_identical_and_keeps_the_provenance(vla, tmp_path):
+    act = model.fake_batch(vla, 6)
     vla.eval()
-    vla.save(tmp_path / "ck")
+    vla.save(tmp_path / "ck", provenance=dict(script="test", action_steps=3))
     back = model.load(tmp_path / "ck")
     for (k, p), (k2, p2) in zip(vla.state_dict().items(), back.state_dict().items()):
         assert k == k2 and torch.equal(p, p2), k
     x1 = torch.randn(6, 8, 4)
-    args = (action["images"], ["reach the goal"] * 6, action["proprio"], 4)
-    assert torch.equal(vla.predict_action_chunk(*args, noise=x1), back.predict_action_chunk(*args, noise=x1))
-    names = {p.name for p in (tmp_path / "ck").iterdir()}
-    assert {"config.json", "model.safetensors", "stats.json", "tokenizer.json"} <= names
+    assert torch.equal(vla.sample(act, 4, noise=x1), back.sample(act, 4, noise=x1))
+    assert {"config.json", "model.safetensors", "stats.json", "tokenizer.json"} <= {p.name for p in (tmp_path / "ck").iterdir()}
+    assert model.read_config(tmp_path / "ck")["provenance"] == dict(script="test", action_steps=3)
+    student = model.load(tmp_path / "ck", steps=1)  # an override builds a new config; none is mutated
+    assert student.cfg.steps == 1 and back.cfg.steps == 10
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        student.cfg.steps = 2
 
 
 def test_mismatched_or_missing_checkpoints_fail_clearly(vla, tmp_path):
@@ -149,15 +149,21 @@ def test_mismatched_or_missing_checkpoints_fail_clearly(vla, tmp_path):
         model.load(tmp_path / "ck")
 
 
-def test_options_freeze_vision_and_insulate(batches):
-    action = batches[0]
+def test_options_freeze_vision_and_insulate():
     torch.manual_seed(0)
     m = model.VLA(model.VLAConfig(freeze_vision=True, insulate=True, feed_layers=(1, 3)))
+    act = model.fake_batch(m, 4)
     assert not any(p.requires_grad for p in m.vlm.model.vision_model.parameters())
-    m.loss(action)["loss"].backward()
+    m.loss(act)["loss"].backward()
     assert all(p.grad is None for p in m.vlm.parameters())  # insulated: no action gradient in the VLM
     assert all(p.grad is not None for p in m.expert.parameters())
     assert len(m.expert.layers) == 2
+    torch.manual_seed(0)
+    m = model.VLA(model.VLAConfig())
+    model.global_loss(m(act=act, insulate=True), {"flow": 1.0})[0].backward()  # one step's warm-up
+    assert all(p.grad is None for p in m.vlm.parameters()) and m.expert.action_out.weight.grad is not None
+    model.global_loss(m(act=act), {"flow": 1.0})[0].backward()
+    assert m.vlm.model.text_model.layers[0].mlp.up_proj.weight.grad is not None
 
 
 def test_flow_convention_agrees_with_transformers_pi0(vla):
@@ -175,14 +181,15 @@ def test_flow_convention_agrees_with_transformers_pi0(vla):
         x_t, u = model.flow_target(a, eps, t)
         v = peer(state=state, noise=x_t, timestep=t, **inputs).logits  # their net, our x_t
         torch.testing.assert_close(torch.nn.functional.mse_loss(v, u), theirs)  # our target u
-        torch.testing.assert_close(model.flow_loss(v, u, torch.ones(B, 8)), theirs)
+        s, n = model.flow_sums(v, u, torch.ones(B, 8))
+        torch.testing.assert_close(s / n, theirs)
         ours = model.euler(lambda x, tt: peer(state=state, noise=x, timestep=tt, **inputs).logits, eps, 3)
         torch.testing.assert_close(ours, peer.sample_actions(state=state, noise=eps, num_steps=3, **inputs))
         emb = peer.embed_action_time.sinusoid_embeds(t)
         torch.testing.assert_close(model.time_embedding(t, emb.shape[-1]), emb)
 
 
-def test_a_pretrained_checkpoint_folder_loads_through_the_same_code(tmp_path, batches):
+def test_a_pretrained_checkpoint_folder_loads_through_the_same_code(tmp_path):
     """A VLM saved with save_pretrained (as a downloaded SmolVLM would be) loads by path,
     gains the action tokens, and trains and samples."""
     torch.manual_seed(0)
@@ -194,26 +201,24 @@ def test_a_pretrained_checkpoint_folder_loads_through_the_same_code(tmp_path, ba
         if "embed_tokens" not in name and "lm_head" not in name:
             assert torch.equal(p, dict(m.vlm.named_parameters())[name]), name
     assert m.vlm.get_input_embeddings().weight.shape[0] == len(m.tokenizer)
-    b = data.collate([dict(image=batches[0]["images"][i].numpy(), text="reach\n",
-                           proprio=batches[0]["proprio"][i].numpy(), actions=batches[0]["actions"][i].numpy(),
-                           action_mask=batches[0]["action_mask"][i].numpy()) for i in range(2)], m.tokenizer, m.image_ids)
+    b = model.fake_batch(m, 2)
     assert torch.isfinite(m.loss(b)["loss"])
     assert m.eval().sample(b, 2).shape == (2, 8, 4)
 
 
-def test_cached_padded_greedy_decoding_equals_a_plain_forward(vla, batches):
-    """Each token generate() picks (KV cache, right-padded batch) is the argmax of a plain
+def test_cached_padded_greedy_decoding_equals_a_plain_forward(vla):
+    """Each token greedy() picks (KV cache, right-padded batch) is the argmax of a plain
     forward pass over that row's unpadded prompt plus the tokens before it."""
-    _, etc, recs = batches
+    b = model.fake_batch(vla, 2)
     vla.eval()
-    qs = [f"question: {recs[0]['question']}\nanswer: ", "question: a much longer question, so the first row is padded?\nanswer: "]
-    b = vla.batch_from(etc["images"][:2], qs)
-    new = vla.generate(b, 5)
+    new = model.greedy(vla.vlm, b, 5, -1, vla.tokenizer.pad_token_id)  # eos -1: never stops early
+    assert int(b["attention_mask"][0].sum()) < b["input_ids"].shape[1]  # row 0 is padded
     for i in range(2):
         n = int(b["attention_mask"][i].sum())
         seq = torch.cat([b["input_ids"][i, :n], new[i]])[None]
         with torch.no_grad():
             logits = vla.vlm(input_ids=seq, attention_mask=torch.ones_like(seq),
-                             pixel_values=vla.pixels(b["images"][i:i + 1])).logits[0]
+                             pixel_values=model.pixels(vla.vlm, b["images"][i:i + 1])).logits[0]
         np.testing.assert_array_equal(logits[n - 1:n - 1 + 5].argmax(-1), new[i])
-    assert vla.generate(vla.batch_from(etc["images"][:1], ["q"]), 6, actions=True).min() >= vla.act0
+    acts = model.greedy(vla.vlm, b, 6, -1, 0, allowed=(vla.act0, vla.act0 + vla.cfg.bins))
+    assert acts.min() >= vla.act0 and acts.max() < vla.act0 + vla.cfg.bins

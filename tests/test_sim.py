@@ -138,23 +138,3 @@ def test_bad_task_and_colour_name_the_fix():
     assert sim.check_task("push-v3") == "push"
     with pytest.raises(ValueError, match="use a name"):
         sim.parse_color("blurple")
-
-
-def test_phase_labels_follow_a_pick_and_place():
-    """A synthetic pick-and-place: approach, close on the object, lift, carry, release."""
-    T = 40
-    obj = np.zeros((T, 3))
-    hand = np.zeros((T, 3))
-    hand[:10, 2] = np.linspace(0.3, 0.0, 10)  # approach from above
-    grip = np.r_[-np.ones(10), np.ones(25), -np.ones(5)]
-    contact = np.r_[np.zeros(10), 2 * np.ones(25), np.zeros(5)].astype(int)
-    obj[15:25, 2] = np.linspace(0.0, 0.2, 10)  # lift
-    obj[25:, 2] = 0.2
-    obj[25:35, 1] = np.linspace(0.0, 0.2, 10)  # carry
-    obj[35:, 1] = 0.2
-    hand[10:] = obj[10:]
-    success = np.r_[np.zeros(38), np.ones(2)].astype(bool)
-    p = sim.label_phases(hand, grip, obj, contact, success, "pick-place")
-    assert p[0] == "approach" and p[11] == "grasp" and p[20] == "lift" and p[30] == "move to goal"
-    assert p[36] == "release" and p[39] == "done"
-    assert set(sim.label_phases(hand, grip, obj, contact, success, "reach")) == {"move to goal", "done"}
