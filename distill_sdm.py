@@ -145,13 +145,6 @@ def cd_loss(d_student, d_target, d_teacher, a, eps, n: torch.Tensor, cfg: Config
     return (err * mask).sum() / mask.sum() if mask is not None else err.mean()
 
 
-def update(opt: torch.optim.Optimizer, loss: torch.Tensor, clip: float):
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
-    opt.step()
-
-
 def sdm_step(step: int, cfg: Config, generate, d_real, d_fake, opt_g, opt_f, extra_g=None, extra_f=None) -> dict:
     """One SDM step. generate() -> x (B, ...) with gradient into G; d_real, d_fake: (x_t, t) -> x0_hat.
     extra_g(x), extra_f(x): optional added losses (GAN, regression). G moves every fake_updates-th step."""
@@ -163,7 +156,7 @@ def sdm_step(step: int, cfg: Config, generate, d_real, d_fake, opt_g, opt_f, ext
         with torch.no_grad():
             g = dm_direction(x.detach(), x_t, t, d_real(x_t, t), d_fake(x_t, t), cfg.normaliser)
         loss = generator_loss(x, g) + (extra_g(x) if extra_g else 0.0)
-        update(opt_g, loss, cfg.clip)
+        scaffold.update(opt_g, loss, cfg.clip)
         logs.update(gen=float(loss.detach()), g_abs=float(g.abs().mean()))
         x = x.detach()
     else:
@@ -171,7 +164,7 @@ def sdm_step(step: int, cfg: Config, generate, d_real, d_fake, opt_g, opt_f, ext
             x = generate()
     t = sample_t(cfg, len(x), x.device)  # score matching: the fake teacher learns G's score
     loss_f = fake_score_loss(d_fake(diffuse(x, torch.randn_like(x), t), t), x) + (extra_f(x) if extra_f else 0.0)
-    update(opt_f, loss_f, cfg.clip)
+    scaffold.update(opt_f, loss_f, cfg.clip)
     return dict(logs, fake=float(loss_f.detach()))
 
 
@@ -309,15 +302,14 @@ def main(cfg: Config):
                 n = torch.randint(cfg.cd_skip, cfg.grid_steps + 1, (len(z),), device=device)
                 d_target = denoiser(teacher, ema, prefix) if ema is not None else d_gen
                 loss = cd_loss(d_gen, d_target, d_real, batch["actions"], z, n, cfg, batch["action_mask"].float())
-                update(opt_g, loss, cfg.clip)
+                scaffold.update(opt_g, loss, cfg.clip)
                 logs = dict(cd=float(loss.detach()))
             else:
                 d_fake = denoiser(teacher, fake, prefix)
                 extra_g, extra_f = extras(cfg, teacher, gan, d_fake, batch, z)
                 logs = sdm_step(step, cfg, partial(d_gen, z, torch.ones(len(z), device=device)), d_real, d_fake,
                                 opt_g, opt_f, extra_g, extra_f)
-            if not np.isfinite(list(logs.values())).all():
-                raise FloatingPointError(f"non-finite loss {logs} at step {step}; lower --lr (now {cfg.lr}). {out} is kept as it was.")
+            scaffold.check_finite(logs, step, cfg.lr, out)
             if ema is not None and (cfg.method == "cd" or step % cfg.fake_updates == 0):
                 ema_update(ema, gen, cfg.ema)
             done = step + 1

@@ -3,7 +3,7 @@ own explicit `for step in range(...)` loops, as plain functions (no Trainer, no 
 
     process set-up (DDP under torchrun)    start, finish, to
     the run's folder and resume            check_out, save, load_state, interrupted, provenance
-    the learning rate                      lr_at, set_lr
+    the learning rate and the update       lr_at, set_lr, check_finite, update
     "once in a while"                      due, log
     evaluation during and after training   policy, closed_loop, etc_accuracy
 
@@ -146,6 +146,20 @@ def set_lr(opt: torch.optim.Optimizer, lr: float):
         g["lr"] = lr
 
 
+def check_finite(logs: dict, step: int, lr: float, out: Path):
+    """A diverged run stops before its update reaches the weights; the last checkpoint stays."""
+    if not math.isfinite(float(sum(logs.values()))):
+        raise FloatingPointError(f"the loss is {logs} at step {step}; lower --lr (now {lr}). The last checkpoint in {out} is kept.")
+
+
+def update(opt: torch.optim.Optimizer, loss: torch.Tensor, clip: float):
+    """One optimiser step on `loss`, the gradient norm of the optimiser's parameters clipped at `clip`."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
+    opt.step()
+
+
 def due(n: int, every: int) -> bool:
     """'Once in a while': n is a multiple of `every`; every = 0 means never."""
     return every > 0 and n % every == 0
@@ -155,6 +169,13 @@ def open_log(out: Path, resume: bool, proc: Process):
     """out.log.jsonl beside the checkpoint folder (rank 0), line-buffered so a crash keeps it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     return open(out.with_name(out.name + ".log.jsonl"), "a" if resume else "w", buffering=1) if proc.rank == 0 else None
+
+
+def close_log(f, summary: dict):
+    """The run's last line: printed as JSON (for scripts that read it) and logged; closes the log."""
+    print(json.dumps(summary))
+    log(f, summary, echo=False)
+    f.close()
 
 
 def log(f, row: dict, echo: bool = True):

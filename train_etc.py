@@ -8,8 +8,6 @@ ETC question answering only (next-token loss on the answers), before it ever see
 The whole model is trained, vision tower included, unless --freeze-vision. The action
 expert exists in the checkpoint but is untouched here; stage 2 starts a fresh one.
 """
-import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,13 +82,8 @@ def main(cfg: Config):
             with torch.autocast("cuda", torch.bfloat16, enabled=proc.cuda):
                 terms = net(etc=scaffold.to(batch, proc.device))
             loss, logs = model.global_loss(terms, {"lm": 1.0}, proc.world_size)
-            if not math.isfinite(logs["lm"]):
-                raise FloatingPointError(f"the loss is {logs['lm']} at step {step}; lower --lr (now {cfg.lr}). "
-                                         f"The last checkpoint in {out} is kept.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-            opt.step()
+            scaffold.check_finite(logs, step, cfg.lr, out)
+            scaffold.update(opt, loss, cfg.clip)
             done = step + 1  # steps whose update is in the weights
             if proc.rank == 0 and (scaffold.due(step, cfg.log_every) or done == cfg.steps):
                 dt = (time.perf_counter() - t0) / (done - start)
@@ -104,9 +97,7 @@ def main(cfg: Config):
     save(cfg.steps)
     if proc.rank == 0:
         summary = dict(stage=1, steps=cfg.steps, etc=scaffold.etc_accuracy(vla, probe))
-        print(json.dumps(summary))
-        scaffold.log(log, summary, echo=False)
-        log.close()
+        scaffold.close_log(log, summary)
     scaffold.finish(proc)
 
 

@@ -9,8 +9,6 @@ stage 1), --etc-start 0 --etc-end 0 (action only), --levels scene (a subset of E
 --head tokens, --freeze-vision, --insulate. Every loss is a sum over the global batch divided
 by its global count, so N processes give the same loss and gradients as one.
 """
-import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -147,13 +145,8 @@ def main(cfg: Config):
                 terms = net(etc=scaffold.to(etc_batch, proc.device), act=scaffold.to(act_batch, proc.device),
                             insulate=step < cfg.expert_warmup)
             loss, logs = model.global_loss(terms, {"lm": 1.0, vla.cfg.head: action_weight(step)}, proc.world_size)
-            if not math.isfinite(float(sum(logs.values()))):
-                raise FloatingPointError(f"the loss is {logs} at step {step}; lower --lr (now {cfg.lr}). "
-                                         f"The last checkpoint in {out} is kept.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-            opt.step()
+            scaffold.check_finite(logs, step, cfg.lr, out)
+            scaffold.update(opt, loss, cfg.clip)
             done = step + 1  # steps whose update is in the weights
             if proc.rank == 0 and (scaffold.due(step, cfg.log_every) or done == cfg.steps):
                 dt = (time.perf_counter() - t0) / (done - start)
@@ -174,9 +167,7 @@ def main(cfg: Config):
             if cfg.stage == 3 and cfg.ood_color:
                 ood = sim.Variation(**{**ds.meta["variation"], "object_color": cfg.ood_color})
                 summary["success_ood"] = scaffold.closed_loop(vla, ds.tasks, cfg.eval_episodes, ood, "heldout")
-        print(json.dumps(summary))
-        scaffold.log(log, summary, echo=False)
-        log.close()
+        scaffold.close_log(log, summary)
     scaffold.finish(proc)
 
 

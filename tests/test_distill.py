@@ -6,6 +6,7 @@ import torch.nn as nn
 import data
 import distill_sdm as sdm
 import model
+import scaffold
 
 # A 2-D mixture of four well-separated Gaussians (4 apart, std 0.15), unequal weights.
 MU = torch.tensor([[2.0, 2.0], [-2.0, 2.0], [-2.0, -2.0], [2.0, -2.0]])
@@ -106,7 +107,7 @@ def test_one_step_generator_covers_every_mode_where_regression_to_the_mean_does_
     opt = torch.optim.Adam(reg.parameters(), 3e-3)
     for _ in range(500):
         z = torch.randn(256, 2)
-        sdm.update(opt, nn.functional.mse_loss(reg(z), gmm_denoiser(z, torch.ones(256))), 1.0)
+        scaffold.update(opt, nn.functional.mse_loss(reg(z), gmm_denoiser(z, torch.ones(256))), 1.0)
     with torch.no_grad():
         _, near = mode_shares(reg(torch.randn(20_000, 2)))
     assert near.sum() < 0.01  # it learns the mixture's mean, which lies on no mode
