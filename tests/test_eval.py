@@ -48,10 +48,10 @@ def test_rollouts_accept_any_colour_and_instruction_and_write_results(dataset_pa
     scores = ev.etc_accuracy(ev.EtcAccuracy(ckpt=str(tmp_path / "policy"), data=(str(etc_path),), holdout=2, limit=12, out=str(tmp_path / "eval")))
     assert scores["records"] == 12 and set(scores["scores"]) <= {"scene", "task", "planning"}
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{ev.MARK[0]}\nold\n{ev.MARK[1]}\noutro\n")
+    readme.write_text(f"intro\n{ev.MARK[0]}\nthe previous results\n{ev.MARK[1]}\noutro\n")
     ev.report(ev.Report(results=str(tmp_path / "eval"), bench=str(tmp_path / "none.md"), readme=str(readme)))
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith(f"{ev.MARK[1]}\noutro\n") and "old" not in text
+    assert text.startswith("intro\n") and text.endswith(f"{ev.MARK[1]}\noutro\n") and "the previous results" not in text
     assert "| run | " in text and "| scene | task | planning |" in text and "`eval.py`" in text  # success, ETC, file map
 
 
