@@ -246,7 +246,8 @@ def main(cfg: Config):
     proc, out = scaffold.start(cfg.device), Path(cfg.out)
     device = proc.device
     scaffold.check_out(out, cfg.resume, cfg.overwrite)
-    model.read_config(cfg.teacher)  # a missing or foreign teacher stops here, with the fix
+    if not (Path(cfg.teacher) / "config.json").is_file():
+        raise model.CheckpointError(f"no teacher at {cfg.teacher}: train one (`python train_vla.py --stage 3`) or pass --teacher")
     scaffold.require_trained_head(cfg.teacher, "distil a trained policy (`python train_vla.py --stage 3`)")
     teacher = model.load(cfg.teacher).to(device)  # the VLM and D_real stay frozen
     if teacher.cfg.head != "flow":
@@ -264,7 +265,8 @@ def main(cfg: Config):
     opt_g = torch.optim.AdamW(gen.parameters(), lr=cfg.lr, betas=(0.95, 0.999), weight_decay=1e-6)  # SDM's settings
     opt_f = torch.optim.AdamW(list(fake.parameters()) + (list(gan.parameters()) if gan else []),
                               lr=cfg.lr, betas=(0.95, 0.999), weight_decay=1e-6)
-    states = dict(generator=gen, fake=fake, opt_g=opt_g, opt_f=opt_f, **dict(ema=ema) if ema else {}, **dict(gan=gan) if gan else {})
+    states = dict(generator=gen, fake=fake, opt_g=opt_g, opt_f=opt_f)  # what train_state.pt keeps, by name
+    states.update({k: v for k, v in (("ema", ema), ("gan", gan)) if v is not None})
     start = scaffold.load_state(out, **states) if cfg.resume else 0
     probe = scaffold.to(observations(sets, teacher.tokenizer, teacher.image_ids, cfg, 0, stream=1), device)  # never trained on
     probe_z = torch.randn(probe["actions"].shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)

@@ -11,6 +11,7 @@ pixels (u, v) with u to the right, v down, pixel (i, j) covering [i, i+1) x [j, 
 """
 import ctypes.util
 import os
+import re
 from dataclasses import dataclass
 
 # MuJoCo picks its OpenGL backend when it is first imported, so choose before that.
@@ -123,27 +124,30 @@ MARKER_RADIUS = 0.035  # Meta-World's 2 cm site so that it is ~5 px wide at 64 p
 
 
 def parse_color(text: str) -> tuple[str, tuple[float, float, float]]:
-    """'blue' or 'r,g,b' (0-255 or 0-1) -> (colour word, rgb in [0, 1]).
+    """'blue', 'r,g,b' (0-255 or 0-1) or 'name=r,g,b' -> (colour word, rgb in [0, 1]).
 
-    An RGB colour is named after the nearest palette entry, so instructions and ETC answers
-    always carry a word."""
+    'name=r,g,b' brings a new colour word (e.g. 'teal=0,0.5,0.5'): the name goes verbatim into
+    instructions and ETC answers, the RGB into the render. A bare RGB colour is named after the
+    nearest palette entry, so instructions and ETC answers always carry a word."""
     if text in PALETTE:
         return text, PALETTE[text]
+    name, eq, values = text.rpartition("=")
     try:
-        rgb = np.array([float(x) for x in text.split(",")])
+        rgb = np.array([float(x) for x in values.split(",")])
         assert rgb.shape == (3,) and (rgb >= 0).all() and (rgb <= 255).all()
+        assert not eq or re.fullmatch(r"[a-z][a-z -]*", name)  # a word: lower-case letters, spaces, hyphens
     except (ValueError, AssertionError):
-        raise ValueError(f"unknown colour {text!r}: use a name ({', '.join(PALETTE)}) or "
-                         "'r,g,b' with values in 0-1 or 0-255") from None
+        raise ValueError(f"unknown colour {text!r}: use a name ({', '.join(PALETTE)}), 'r,g,b' with values in "
+                         "0-1 or 0-255, or a new word with its colour, 'name=r,g,b' (e.g. teal=0,0.5,0.5)") from None
     rgb = rgb / 255.0 if rgb.max() > 1.0 else rgb
-    name = min(PALETTE, key=lambda k: np.sum((np.array(PALETTE[k]) - rgb) ** 2))
+    name = name or min(PALETTE, key=lambda k: np.sum((np.array(PALETTE[k]) - rgb) ** 2))
     return name, tuple(float(x) for x in rgb)
 
 
 @dataclass(frozen=True)
 class Variation:
     """A scene condition. None keeps Meta-World's own look."""
-    object_color: str | None = None  # main object's colour: a palette name or "r,g,b"
+    object_color: str | None = None  # main object's colour: a palette name, "r,g,b" or "name=r,g,b"
     table_color: str | None = None  # table top colour, same forms
     camera_jitter: float = 0.0  # per-episode random camera offset, in degrees of azimuth
 

@@ -118,7 +118,7 @@ def test_a_diverging_run_stops_and_keeps_the_last_checkpoint(world, monkeypatch,
     (["etc.py", "--data", "/nonexistent/ds"], "no dataset at /nonexistent/ds"),
     (["train_etc.py", "--etc-data", "/nonexistent/ds", "--out", "{tmp}/x"], "no dataset at /nonexistent/ds"),
     (["train_vla.py", "--stage", "3", "--init", "{tmp}/none", "--action-data", "{ds}", "--out", "{tmp}/x"], "run stage 2 first"),
-    (["distill_sdm.py", "--teacher", "{tmp}/none", "--out", "{tmp}/x"], "no checkpoint at"),
+    (["distill_sdm.py", "--teacher", "{tmp}/none", "--out", "{tmp}/x"], "no teacher at"),
     (["eval.py", "etc", "--ckpt", "{tmp}/none"], "no checkpoint at"),
 ], ids=["etc", "train_etc", "train_vla", "distill_sdm", "eval"])
 def test_every_script_exits_2_with_one_line_from_the_shell(argv, message, etc_path, tmp_path):

@@ -88,20 +88,21 @@ def test_every_record_parses_and_lies_in_the_image(dataset_path, dataset):
     assert json.loads((dataset_path / "etc.jsonl").read_text().splitlines()[0])["task"] in dataset.tasks
 
 
-def test_ood_etc_has_colour_words_heldout_paraphrases_and_no_actions(tmp_path):
+@pytest.mark.parametrize("color, word", [("yellow", "yellow"), ("teal=0,0.5,0.5", "teal")])
+def test_ood_etc_has_colour_words_heldout_paraphrases_and_no_actions(tmp_path, color, word):
     out = tmp_path / "ood"
     data.collect(data.Collect(tasks=("push",), episodes=1, out=str(out), workers=1, actions=False,
-                              variation=sim.Variation(object_color="yellow")))
+                              variation=sim.Variation(object_color=color)))
     ds = data.Dataset(out)
     assert "actions" not in ds.arrays["push"] and not (out / "push" / "actions.npy").exists()
     with pytest.raises(data.DataError, match="no-actions"):
         data.ActionSamples(ds, chunk=8)
     recs = etc.records(ds, paraphrases="heldout")
-    heldout = sim.instructions("push", "yellow", "heldout")[0]
+    heldout = sim.instructions("push", word, "heldout")[0]
     assert any(heldout in r["question"] for r in recs)
-    assert not any(t in r["question"] for r in recs for t in sim.instructions("push", "yellow", "train"))
-    assert {r["answer"] for r in recs if r["kind"] == "color"} == {"yellow"}
-    assert any("yellow puck" in r["question"] for r in recs)
+    assert not any(t in r["question"] for r in recs for t in sim.instructions("push", word, "train"))
+    assert {r["answer"] for r in recs if r["kind"] == "color"} == {word}  # a new word, verbatim
+    assert any(f"{word} puck" in r["question"] for r in recs)
 
 
 

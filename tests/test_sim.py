@@ -1,11 +1,12 @@
-"""The world: projection, rendering, recolouring, instructions, experts, phases."""
+"""The world: projection, rendering, recolouring, instructions, experts."""
 import warnings
 
-import mujoco
 import numpy as np
 import pytest
 
-import sim
+import sim  # before mujoco: sim chooses MuJoCo's headless OpenGL backend, which is fixed at import
+
+import mujoco  # noqa: E402, I001
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,9 @@ def test_goal_marker_is_drawn_where_the_goal_projects(world):
     assert g > 150 and g > r + 60 and g > b + 60, f"no green marker at the goal: {img[v, u]}"
 
 
-def test_recolouring_is_flat_and_visible():
-    w = sim.World("push", variation=sim.Variation(object_color="0,0,255", table_color="white"))
+@pytest.mark.parametrize("color", ["0,0,255", "navy=0,0,255"])
+def test_recolouring_is_flat_and_visible(color):
+    w = sim.World("push", variation=sim.Variation(object_color=color, table_color="white"))
     try:
         w.seed(3)
         assert (w.model.geom_matid[w.object_geoms[0]] == -1).all()
@@ -130,11 +132,15 @@ def test_colour_words_go_into_instructions():
     assert sim.instructions("push", "blue")[0] == "push the blue puck to the goal"
     assert sim.parse_color("250,10,10")[0] == "red"
     assert sim.parse_color("0.1,0.3,0.9") == ("blue", (0.1, 0.3, 0.9))
+    assert sim.parse_color("teal=0,0.5,0.5") == ("teal", (0.0, 0.5, 0.5))  # a new word, verbatim
+    assert sim.parse_color("sky blue=10,100,250")[0] == "sky blue"
+    assert sim.instructions("push", sim.Variation(object_color="teal=0,128,128").color_word())[0] == "push the teal puck to the goal"
 
 
 def test_bad_task_and_colour_name_the_fix():
     with pytest.raises(ValueError, match="valid tasks: assembly"):
         sim.check_task("pussh")
     assert sim.check_task("push-v3") == "push"
-    with pytest.raises(ValueError, match="use a name"):
-        sim.parse_color("blurple")
+    for bad in ("blurple", "Teal=0,0,0", "teal=0,0", "=1,2,3"):
+        with pytest.raises(ValueError, match="or a new word with its colour, 'name=r,g,b'"):
+            sim.parse_color(bad)
