@@ -36,7 +36,7 @@ class Success:
     ckpt: str = "out/stage3"  # any checkpoint: a teacher samples with --steps (default its own), a student with 1
     data: str = "data/target"  # the tasks and the base scene come from this dataset's meta.json
     tasks: tuple[str, ...] = ()  # () = the dataset's tasks; any of the 50 names
-    object_colors: tuple[str, ...] = ()  # object colours to test, names or "r,g,b"; () = the dataset's
+    object_colors: tuple[str, ...] = ()  # object colours to test: names, "r,g,b" or "name=r,g,b"; () = the dataset's
     table_colors: tuple[str, ...] = ()  # table colours to test, same forms; () = the dataset's
     camera_jitter: float | None = None  # degrees of random camera offset per episode (default: the dataset's)
     instruction: str | None = None  # one instruction text for every task; default: the task's own
