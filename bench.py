@@ -1,26 +1,16 @@
-"""Speed, measured and printed (never asserted): collection frames/s; the VLA's training
-throughput and model FLOP utilisation against a matmul peak measured in the same run; the
-action-head and end-to-end latency of the teacher (10 steps), the SDM and CD students (1)
-and the floor; and transformers' PI0ForConditionalGeneration at matched size beside ours.
+"""Speed, measured and printed, never asserted: collection, training and MFU, latency, a PI0 peer.
 
-    python bench.py                 # everything; also writes out/bench.md for `eval.py report`
+    python bench.py                 # everything, measured in this run; also writes out/bench.md
     python bench.py --quick         # a smoke run (CI)
-    python bench.py --only latency  # one section: collect | model | latency
-
-Every number in the printed tables comes from this run on this machine.
+    python bench.py --only latency  # one section: collect | model | training | latency
 """
-import multiprocessing as mp
-import os
-import time
+import multiprocessing as mp, os, time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import tyro
+import numpy as np, torch, tyro
 
 import model  # sim, data and etc are imported where needed: `import bench` (pi0_peer, for the model tests) starts no MuJoCo
-
 
 @dataclass
 class Bench:
@@ -29,19 +19,17 @@ class Bench:
     episodes: int = 6  # scripted episodes per task and setting
     sizes: tuple[int, ...] = (64, 84)  # image sizes to time
     workers: tuple[int, ...] = (1, 2)  # process counts to time
-    only: str = ""  # run one section: collect | model | latency
+    only: str = ""  # run one section: collect | model | training | latency
     batch: int = 16  # training batch for the model section
     repeats: int = 10  # timed repetitions (median reported)
     teacher: str = "out/stage3"  # latency: checkpoints to time (the tiny random VLA stands in for a missing one)
     students: tuple[str, ...] = ("out/sdm", "out/cd")
     out: str | None = "out/bench.md"  # the tables as markdown (None: print only)
 
-
 def pi0_peer(vla: model.VLA, image_size: int | None = None):
-    """transformers' PI0ForConditionalGeneration at about this VLA's size and shapes: the
-    peer that bench.py times and the tests check the flow-matching convention against.
-    PaliGemma's SigLIP has no pixel shuffle, so at the same patch size it sees 4x the image
-    tokens (64 at 64 px) that Idefics3 does (16); image_size=32 matches the token count."""
+    """transformers' PI0ForConditionalGeneration at about this VLA's size: the timed peer, and the
+    tests' check of our flow convention. SigLIP has no pixel shuffle, so at our patch size it sees
+    4x the image tokens of Idefics3 (64 at 64 px); image_size=32 matches our 16."""
     from transformers import PI0Config, PI0ForConditionalGeneration
     c, tc = vla.cfg, vla.vlm.config.text_config
     vision = vla.vlm.config.vision_config
@@ -61,29 +49,33 @@ def pi0_peer(vla: model.VLA, image_size: int | None = None):
         chunk_size=c.chunk, max_state_dim=c.proprio_dim, max_action_dim=c.action_dim)
     return PI0ForConditionalGeneration(cfg)
 
-
-def tiny_vla(stats: dict | None = None) -> model.VLA:
+def tiny_vla() -> model.VLA:
     """The default tiny VLA, its tokenizer trained on the project's texts as in training."""
     import etc
     torch.manual_seed(0)
-    return model.VLA(model.VLAConfig(), stats=stats, corpus=etc.corpus())
+    return model.VLA(model.VLAConfig(), corpus=etc.corpus())
 
-
-def observations(vla: model.VLA, images: torch.Tensor, texts: list[str], proprio=None, answers=None) -> dict:
-    """A collated batch, as training and the policy make it (tokenising included)."""
+def observations(vla: model.VLA, images: torch.Tensor, texts: list[str], proprio=None, answers=None,
+                 chunk: int = 0) -> dict:
+    """A collated batch, as training and the policy make it (tokenising included); with
+    chunk > 0 also random normalised action chunks of that length, none padded."""
     import data
     samples = [dict(image=im, text=t) for im, t in zip(images.numpy(), texts)]
     for i, s in enumerate(samples):
         s.update({} if proprio is None else dict(proprio=proprio[i].numpy()), **({} if answers is None else dict(answer=answers[i])))
-    return data.collate(samples, vla.tokenizer, vla.image_ids)
+    batch = data.collate(samples, vla.tokenizer, vla.image_ids)
+    if chunk:
+        batch.update(actions=torch.randn(len(texts), chunk, 4), action_mask=torch.ones(len(texts), chunk, dtype=torch.bool))
+    return batch
 
+def random_images(n: int, size: int = 64) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(0).integers(1, 255, (n, size, size, 3), dtype=np.uint8))
 
 def collection_rate(tasks: list[str], episodes: int, size: int, workers: int) -> tuple[int, float]:
     """(frames, seconds) for scripted episodes in `workers` warm processes (start-up excluded)."""
     import data
     import sim
-    jobs = [(t, data.episode_seed(0, t, k), size, sim.Variation(), False, 300, 8)
-            for t in tasks for k in range(episodes)]
+    jobs = [(t, data.episode_seed(0, t, k), size, sim.Variation(), False, 300, 8) for t in tasks for k in range(episodes)]
     with mp.get_context("spawn").Pool(workers) as pool:
         pool.map(data.run_episode, jobs[:workers], chunksize=1)  # imports, GL contexts
         t0 = time.perf_counter()
@@ -91,21 +83,17 @@ def collection_rate(tasks: list[str], episodes: int, size: int, workers: int) ->
         seconds = time.perf_counter() - t0
     return sum(len(e["images"]) for e in eps if e is not None), seconds
 
-
 def bench_collection(cfg: Bench) -> list[str]:
-    tasks = list(cfg.tasks[:1] if cfg.quick else cfg.tasks)
-    episodes = 1 if cfg.quick else cfg.episodes
+    tasks, episodes = (cfg.tasks[:1], 1) if cfg.quick else (cfg.tasks, cfg.episodes)
     rows = ["| image px | workers | frames | s | frames/s total | frames/s per worker | scaling vs 1 worker |",
             "|---|---|---|---|---|---|---|"]
     for size in cfg.sizes:
         base = None
         for w in cfg.workers:
-            frames, s = collection_rate(tasks, episodes, size, w)
-            rate = frames / s
-            base = base or rate
-            rows.append(f"| {size} | {w} | {frames} | {s:.1f} | {rate:.0f} | {rate / w:.0f} | {rate / base:.2f}x |")
+            frames, s = collection_rate(list(tasks), episodes, size, w)
+            base = base or frames / s
+            rows.append(f"| {size} | {w} | {frames} | {s:.1f} | {frames / s:.0f} | {frames / s / w:.0f} | {frames / s / base:.2f}x |")
     return rows
-
 
 def median_ms(fn, repeats: int) -> float:
     """Median wall time of fn() in ms, after one warm-up call."""
@@ -117,129 +105,96 @@ def median_ms(fn, repeats: int) -> float:
         times.append(time.perf_counter() - t0)
     return 1000 * float(np.median(times))
 
+def train_step(m: torch.nn.Module, loss_fn):
+    """One AdamW step of `m` on loss_fn(), as a function to time."""
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        opt.step()
+    return step
 
 def bench_model(cfg: Bench) -> list[str]:
-    """Our tiny VLA vs transformers' PI0 at matched size, same batch and prompt text. The
-    peer runs twice: on our 64 px images (64 image tokens, no pixel shuffle) and on 32 px
-    images (16 image tokens, as many as ours)."""
-    vla = tiny_vla()
-    B, reps = (2, 2) if cfg.quick else (cfg.batch, cfg.repeats)
-    rng = np.random.default_rng(0)
-    images = torch.from_numpy(rng.integers(1, 255, (B, 64, 64, 3), dtype=np.uint8))
-    text = ["push the puck to the goal\n"] * B  # a typical instruction
-    batch = observations(vla, images, text, torch.randn(B, 4))
-    batch["actions"], batch["action_mask"] = torch.randn(B, 8, 4), torch.ones(B, 8, dtype=torch.bool)
+    """Our tiny VLA vs transformers' PI0 at matched size, same batch and prompt text. The peer
+    runs on our 64 px images (64 image tokens, no pixel shuffle) and on 32 px (16, as ours)."""
+    vla, (B, reps) = tiny_vla(), ((2, 2) if cfg.quick else (cfg.batch, cfg.repeats))
+    images, text = random_images(B), ["push the puck to the goal\n"] * B  # a typical instruction
+    batch = observations(vla, images, text, torch.randn(B, 4), chunk=8)
     prompt = vla.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
 
-    def timings(m, loss_fn, sample_fn):
-        """(train step ms, 10-step sample ms, 1-step sample ms) for a model."""
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss_fn().backward()
-            opt.step()
-        m.train()
-        train = median_ms(step, reps)
-        m.eval()
+    def timings(m, loss_fn, sample_fn):  # (train step, 10-step sample, 1-step sample) in ms
+        train = median_ms(train_step(m.train(), loss_fn), reps)
         with torch.no_grad():
             return train, median_ms(lambda: sample_fn(10), reps), median_ms(lambda: sample_fn(1), reps)
-
     one = {k: v[:1] for k, v in batch.items()}
-    ours = timings(vla, lambda: vla.loss(batch)["loss"], lambda n: vla.sample(one, n))
-    cols, heads = [ours], [f"ours ({batch['input_ids'].shape[1]} prefix tokens)"]
+    cols = [timings(vla, lambda: vla.loss(batch)["loss"], lambda n: vla.eval().sample(one, n))]
+    heads = [f"ours ({batch['input_ids'].shape[1]} prefix tokens)"]
     for size in (64, 32):
         peer = pi0_peer(vla, image_size=size)
         vc = peer.config.vlm_config
-        n_img = (size // vc.vision_config.patch_size) ** 2
-        ids = torch.cat([torch.full((B, n_img), vc.image_token_id), prompt], 1)
+        ids = torch.cat([torch.full((B, (size // vc.vision_config.patch_size) ** 2), vc.image_token_id), prompt], 1)
         pixels = torch.nn.functional.interpolate(model.pixels(vla.vlm, images)[:, 0], size=(size, size))[:, None]
         pin = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
                    pixel_attention_mask=torch.ones(B, 1, dtype=torch.bool), state=batch["proprio"])
         pone = {k: v[:1] for k, v in pin.items()}
         cols.append(timings(peer, lambda: peer(actions=batch["actions"], **pin).loss,
-                            lambda n: peer.sample_actions(num_steps=n, **pone)))
+                            lambda n: peer.eval().sample_actions(num_steps=n, **pone)))
         heads.append(f"PI0 {size} px ({ids.shape[1]} prefix tokens)")
     n = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
     rows = [f"parameters: ours {n(vla):.2f}M (VLM {n(vla.vlm):.2f}M + expert {n(vla.expert):.2f}M), "
             f"PI0 peer {n(peer):.2f}M; torch threads {torch.get_num_threads()}", "",
-            "| measure | " + " | ".join(heads) + " | ours / PI0 64 px | ours / PI0 32 px |",
-            "|---|---|---|---|---|---|"]
-    names = [f"train step, batch {B} (ms)", "sample 1 chunk, 10 steps (ms)", "sample 1 chunk, 1 step (ms)"]
-    for i, name in enumerate(names):
-        vals = [c[i] for c in cols]
-        rows.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in vals) +
-                    f" | {vals[0] / vals[1]:.2f} | {vals[0] / vals[2]:.2f} |")
-    rows.append("| train samples/s | " + " | ".join(f"{1000 * B / c[0]:.0f}" for c in cols) + " | | |")
-    return rows
-
-
-def matmul_peak(quick: bool) -> float:
-    """FLOP/s of a large fp32 matmul on this machine now: the ceiling MFU is measured against."""
-    n = 512 if quick else 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n ** 3 / (median_ms(lambda: a @ b, 3 if quick else 10) / 1000)
-
+            "| measure | " + " | ".join(heads) + " | ours / PI0 64 px | ours / PI0 32 px |", "|---|---|---|---|---|---|"]
+    for i, name in enumerate([f"train step, batch {B} (ms)", "sample 1 chunk, 10 steps (ms)", "sample 1 chunk, 1 step (ms)"]):
+        v = [c[i] for c in cols]
+        rows.append(f"| {name} | " + " | ".join(f"{x:.1f}" for x in v) + f" | {v[0] / v[1]:.2f} | {v[0] / v[2]:.2f} |")
+    return rows + ["| train samples/s | " + " | ".join(f"{1000 * B / c[0]:.0f}" for c in cols) + " | | |"]
 
 def bench_training(cfg: Bench) -> list[str]:
     """Training samples/s of a stage-2 step (half ETC, half action samples) and its model FLOP
-    utilisation: FLOPs counted by torch's FlopCounterMode over one step / step time / peak."""
+    utilisation: FLOPs counted by torch's FlopCounterMode over one step / step time / the FLOP/s
+    of a large fp32 matmul measured now (the ceiling)."""
     from torch.utils.flop_counter import FlopCounterMode
-    vla = tiny_vla()
-    B, reps = (4, 2) if cfg.quick else (32, cfg.repeats)
-    rng = np.random.default_rng(0)
-    images = torch.from_numpy(rng.integers(1, 255, (B, 64, 64, 3), dtype=np.uint8))
-    h = B // 2
+    vla, (B, reps) = tiny_vla(), ((4, 2) if cfg.quick else (32, cfg.repeats))
+    images, h = random_images(B), B // 2
     etc = observations(vla, images[:h], ["question: where is the gripper?\nanswer: "] * h, answers=["31 40"] * h)
-    act = observations(vla, images[h:], ["push the puck to the goal\n"] * (B - h), torch.randn(B - h, 4))
-    act["actions"], act["action_mask"] = torch.randn(B - h, 8, 4), torch.ones(B - h, 8, dtype=torch.bool)
-    opt = torch.optim.AdamW(vla.parameters(), lr=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        model.global_loss(vla(etc=etc, act=act), {"lm": 1.0, "flow": 1.0})[0].backward()
-        opt.step()
+    act = observations(vla, images[h:], ["push the puck to the goal\n"] * (B - h), torch.randn(B - h, 4), chunk=8)
+    step = train_step(vla, lambda: model.global_loss(vla(etc=etc, act=act), {"lm": 1.0, "flow": 1.0})[0])
     with FlopCounterMode(display=False) as counter:
         step()
-    flops, ms, peak = counter.get_total_flops(), median_ms(step, reps), matmul_peak(cfg.quick)
+    n = 512 if cfg.quick else 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    flops, ms, peak = counter.get_total_flops(), median_ms(step, reps), 2 * n ** 3 / (median_ms(lambda: a @ b, reps) / 1000)
     return ["| batch | step (ms) | samples/s | GFLOP per step | achieved GFLOP/s | matmul peak GFLOP/s | MFU |",
             "|---|---|---|---|---|---|---|",
             f"| {B} | {ms:.0f} | {1000 * B / ms:.0f} | {flops / 1e9:.2f} | {flops / ms / 1e6:.1f} | {peak / 1e9:.1f} | "
             f"{flops / (ms / 1000) / peak:.1%} |"]
-
 
 def bench_latency(cfg: Bench) -> list[str]:
     """Per action chunk, batch 1: the action head alone (given the prefix) and end to end (image
     + text + proprio -> chunk, tokenising included), for the teacher at 10 Euler steps, each
     student at its 1 step, and the floor: one VLM prefix pass + one expert pass, on tensors."""
     def get(path):  # latency does not depend on the weights: a missing checkpoint is stood in for
-        if Path(path).is_dir():
-            return path, model.load(path)
-        return f"{path} (missing: tiny random VLA)", tiny_vla().eval()
+        return (path, model.load(path)) if Path(path).is_dir() else (f"{path} (missing: tiny random VLA)", tiny_vla().eval())
     reps = 3 if cfg.quick else 5 * cfg.repeats
     t_name, teacher = get(cfg.teacher)
-    image = torch.from_numpy(np.random.default_rng(0).integers(1, 255, (1, 64, 64, 3), dtype=np.uint8))
-    text, proprio = ["push the puck to the goal\n"], torch.zeros(1, 4)
+    image, text, proprio = random_images(1), ["push the puck to the goal\n"], torch.zeros(1, 4)
     batch = observations(teacher, image, text, proprio)
     runs = [(f"teacher {t_name}", teacher, 10)] + [(f"student {n}", m, 1) for n, m in map(get, cfg.students)]
-    rows, out = [], {}
+    out = {}
     with torch.no_grad():
         for name, m, steps in runs:
             projected = m.expert.project(m.prefix(batch))
             z = torch.randn(1, m.cfg.chunk, m.cfg.action_dim)
             head = median_ms(lambda: model.euler(lambda x, t: m.expert(x, t, projected), z, steps), reps)
-            e2e = median_ms(lambda: m.sample(observations(m, image, text, proprio), steps), reps)
-            out[name] = (steps, head, e2e)
-        ones = torch.ones(1)
-        floor = median_ms(lambda: teacher.denoise(z, ones, teacher.prefix(batch)), reps)
+            out[name] = (steps, head, median_ms(lambda: m.sample(observations(m, image, text, proprio), steps), reps))
+        floor = median_ms(lambda: teacher.denoise(z, torch.ones(1), teacher.prefix(batch)), reps)
     t_head, t_e2e = out[runs[0][0]][1:]
-    rows += ["| policy | steps | head (ms) | head speed-up | end to end (ms) | end-to-end speed-up | vs floor |",
-             "|---|---|---|---|---|---|---|"]
-    for name, (steps, head, e2e) in out.items():
-        rows.append(f"| {name} | {steps} | {head:.2f} | {t_head / head:.1f}x | {e2e:.2f} | {t_e2e / e2e:.1f}x | {e2e / floor:.2f}x |")
-    rows.append(f"| floor: 1 prefix pass + 1 expert pass | 1 | | | {floor:.2f} | {t_e2e / floor:.1f}x | 1.00x |")
-    return rows
-
+    rows = ["| policy | steps | head (ms) | head speed-up | end to end (ms) | end-to-end speed-up | vs floor |",
+            "|---|---|---|---|---|---|---|"]
+    rows += [f"| {name} | {steps} | {head:.2f} | {t_head / head:.1f}x | {e2e:.2f} | {t_e2e / e2e:.1f}x | {e2e / floor:.2f}x |"
+             for name, (steps, head, e2e) in out.items()]
+    return rows + [f"| floor: 1 prefix pass + 1 expert pass | 1 | | | {floor:.2f} | {t_e2e / floor:.1f}x | 1.00x |"]
 
 def main(cfg: Bench):
     head = (f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
@@ -258,7 +213,6 @@ def main(cfg: Bench):
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text("\n".join(md) + "\n")
-
 
 if __name__ == "__main__":
     main(tyro.cli(Bench))

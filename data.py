@@ -1,28 +1,17 @@
-"""Demonstrations -> dataset on disk; loading and normalisation; action samples; the sampler
-that mixes ETC and action samples into batches on a schedule; collation into token ids.
+"""Demonstrations on disk, loading, normalisation, action samples, the ETC/action mixer, collation.
 
     python data.py collect --tasks reach push --episodes 30 --out data/source
-    python etc.py --data data/source               # its ETC records (etc.py) -> data/source/etc.jsonl
 
-On disk: data/<name>/meta.json and data/<name>/<task>/<array>.npy (one row per frame; loaded
-memory-mapped). A dataset collected with --no-actions (novel scenes for OOD ETC) stores no
-action labels. ETC lives in etc.py, which builds on this file; this file never imports it:
-the mixer takes any sample source with `levels`, `len()` and `source(j) -> sample`.
+On disk: data/<name>/meta.json and data/<name>/<task>/<array>.npy, one row per frame, loaded
+memory-mapped; --no-actions (novel scenes for OOD ETC) stores no action labels. etc.py builds on
+this file, never the reverse: the mixer takes any source with `levels`, len() and source(j).
 """
-import json
-import math
-import multiprocessing as mp
-import shutil
-import sys
-import tempfile
-import warnings
+import json, math, multiprocessing as mp, shutil, sys, tempfile, warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import torch
-import tyro
+import numpy as np, torch, tyro
 from tqdm import tqdm
 
 import sim
@@ -31,13 +20,10 @@ FORMAT_VERSION = 1
 ARRAYS = ("images", "proprio", "episode", "step", "hand", "objects", "goal", "hand_px",
           "objects_px", "goal_px", "objects_box", "hand_box", "success", "contact", "grip", "camera")
 
-
 class DataError(ValueError):
     """Bad input the user can fix; the CLIs print it as one line and exit non-zero."""
 
-
-# ----------------------------------------------------------------------------------------
-# Collection
+# --- Collection -------------------------------------------------------------------------------
 @dataclass
 class Collect:
     tasks: tuple[str, ...] = ("reach", "push", "drawer-open", "button-press-topdown")  # task names
@@ -53,26 +39,20 @@ class Collect:
     seed: int = 0  # fixes every layout, hence the whole dataset
     overwrite: bool = False  # replace an existing dataset at --out
 
-
 def episode_seed(seed: int, task: str, k: int) -> int:
     """Attempt k of a task: a layout seed independent of worker count and of other tasks."""
     return int(np.random.SeedSequence([seed, sim.TASKS.index(task), k]).generate_state(1)[0])
 
-
 def eval_seeds(task: str, seed: int, episodes: int) -> list[int]:
-    """Evaluation layouts: evaluation seed `seed`'s block, never used for collection (its
-    seeds start at 10,000), the same for every checkpoint."""
+    """Evaluation seed `seed`'s layouts, the same for every checkpoint, never collected on."""
     return [episode_seed(10_000 + 1000 * seed + k, task, 0) for k in range(episodes)]
 
-
 _WORLDS: dict = {}  # per process: the World of the current task, reused across episodes
-
 
 def close_worlds():
     for w in _WORLDS.values():
         w.close()
     _WORLDS.clear()
-
 
 def run_episode(job: tuple) -> dict | None:
     """One scripted episode; its per-frame arrays, or None if the expert failed."""
@@ -87,16 +67,13 @@ def run_episode(job: tuple) -> dict | None:
     with warnings.catch_warnings():  # the experts warn about their own gains
         warnings.simplefilter("ignore")
         while w.steps < max_steps and left > 0:
-            image = w.render()
-            objs = w.objects()
-            c = w.camera
+            objs, c = w.objects(), w.camera
             rows.append(dict(
-                images=image, proprio=w.proprio(), hand=w.hand(), objects=objs, goal=w.goal(),
+                images=w.render(), proprio=w.proprio(), hand=w.hand(), objects=objs, goal=w.goal(),
                 hand_px=w.project(w.hand()), objects_px=w.project(objs), goal_px=w.project(w.goal()),
                 objects_box=np.stack([w.box(g) for g in w.object_geoms]), hand_box=w.box(w.hand_geoms),
                 success=success, contact=w.contact(), camera=np.array([*c.lookat, c.distance, c.azimuth, c.elevation, c.fovy])))
-            action = w.expert_action()
-            rows[-1]["actions"] = action
+            rows[-1]["actions"] = action = w.expert_action()
             left -= success  # count the frames shown after the first success
             success = w.step(action) or success
     if not success:
@@ -106,7 +83,6 @@ def run_episode(job: tuple) -> dict | None:
     if wrist:  # render() gave (scene, wrist) pairs
         ep["wrist"], ep["images"] = ep["images"][:, 1], ep["images"][:, 0]
     return ep
-
 
 def collect_task_episodes(cfg: Collect, imap, task: str, bar) -> tuple[list[dict], int, int]:
     """The first cfg.episodes successful attempts in attempt order; attempts; successes."""
@@ -127,13 +103,11 @@ def collect_task_episodes(cfg: Collect, imap, task: str, bar) -> tuple[list[dict
         k = ks.stop
     return [found[i] for i in sorted(found)], k, wins
 
-
 def normalisation_stats(x: np.ndarray) -> dict:
     """Per-dimension mean/std/min/max/1st and 99th percentile of (N, D) data, as lists."""
     q01, q99 = np.quantile(x, [0.01, 0.99], axis=0)
     return {k: v.astype(float).round(6).tolist() for k, v in dict(
         mean=x.mean(0), std=x.std(0) + 1e-6, min=x.min(0), max=x.max(0), q01=q01, q99=q99).items()}
-
 
 def collect(cfg: Collect) -> Path:
     """Collect, then write the dataset atomically: a temporary folder renamed into place."""
@@ -175,29 +149,20 @@ def collect(cfg: Collect) -> Path:
         shutil.rmtree(tmp)  # a failed or interrupted run leaves nothing behind
         raise
     finally:
-        if pool:
-            pool.terminate()
-        else:
-            close_worlds()
+        pool.terminate() if pool else close_worlds()
     replace_dir(tmp, out)
     return out
 
-
 def replace_dir(tmp: Path, out: Path):
     """Move a finished folder into place; an old one at `out` goes only once the new one is there."""
-    if out.exists():
-        old = out.rename(out.with_name(f".{out.name}.old"))
-        tmp.rename(out)
+    old = out.rename(out.with_name(f".{out.name}.old")) if out.exists() else None
+    tmp.rename(out)
+    if old:
         shutil.rmtree(old)
-    else:
-        tmp.rename(out)
 
-
-# ----------------------------------------------------------------------------------------
-# Loading
+# --- Loading ----------------------------------------------------------------------------------
 class Dataset:
     """A collected dataset: meta.json plus memory-mapped arrays per task."""
-
     def __init__(self, path: str | Path, image_size: int | None = None):
         self.path = Path(path)
         if not (self.path / "meta.json").is_file():
@@ -234,9 +199,7 @@ class Dataset:
         ep = np.asarray(self.arrays[task]["episode"])
         return np.split(np.arange(len(ep)), np.flatnonzero(np.diff(ep)) + 1)
 
-
-# ----------------------------------------------------------------------------------------
-# Mixing: which samples a batch holds
+# --- Mixing: which samples a batch holds ------------------------------------------------------
 @dataclass(frozen=True)
 class Ramp:
     """A value that goes from `start` to `end` over `steps` (held after): the ETC fraction
@@ -251,13 +214,10 @@ class Ramp:
         w = {"constant": 0.0, "linear": x, "cosine": 0.5 * (1 - math.cos(math.pi * x))}[self.kind]
         return self.start + (self.end - self.start) * w
 
-
 class MixedSampler:
-    """Batch b's contents depend only on (seed, b): resuming at any step is exact.
-
-    The ETC count is f*B rounded stochastically (unbiased), so the fraction seen follows the
-    schedule on average; ETC records are drawn by level (weights) then uniformly."""
-
+    """Batch b's contents depend only on (seed, b): resuming at any step is exact. The ETC count
+    is f*B rounded stochastically (unbiased), so the fraction seen follows the schedule on
+    average; ETC records are drawn by level (weights), then uniformly."""
     def __init__(self, etc_levels: list[str], n_action: int, batch_size: int,
                  etc_fraction: Ramp, level_weights: dict[str, float] | None = None, seed: int = 0):
         self.B, self.n_action, self.schedule, self.seed = batch_size, n_action, etc_fraction, seed
@@ -280,15 +240,11 @@ class MixedSampler:
         act = rng.integers(self.n_action, size=self.B - n_etc) if self.n_action else np.zeros(0, int)
         return etc, act
 
-
-# ----------------------------------------------------------------------------------------
-# Samples and collation
+# --- Samples and collation --------------------------------------------------------------------
 class ActionSamples:
     """(image, instruction, proprio, action chunk) samples of every frame with actions."""
-
     def __init__(self, ds: Dataset, chunk: int, paraphrases: str = "train", stats: dict | None = None):
-        """stats: the normalisation to use; a policy keeps the one it was first trained with,
-        so stage 3 normalises its target demos with stage 2's stats, not their own."""
+        # stats: a policy keeps the normalisation it was first trained with (stage 3: stage 2's)
         if not ds.meta["has_actions"]:
             raise DataError(f"{ds.path} was collected with --no-actions; it can only give ETC")
         self.ds, self.chunk, self.paraphrases = ds, chunk, paraphrases
@@ -315,15 +271,11 @@ class ActionSamples:
                     noise=rng.standard_normal(acts.shape).astype(np.float32),  # flow-matching eps and
                     time_u=np.float32(rng.random()))  # the uniform draw behind its time t
 
-
 def collate(samples: list[dict], tokenizer, image_ids: list[int]) -> dict:
-    """Token ids, masks and tensors for a list of samples of one kind (ETC or action).
-
-    Each sequence is [bos] + image_ids + prompt (+ answer + eos), right-padded. `image_ids`
-    stand for the image (the VLM's image tokens, placed by the code, not a processor).
-    labels are -100 everywhere except the answer and its eos, so the next-token loss is
-    taken on the answer only. Example, ETC: ids  = [bos I I I q q q a a eos pad]
-                                           labels = [ -   - - - - - - a a eos  - ]"""
+    """Token ids, masks and tensors for samples of one kind (ETC or action): each sequence is
+    [bos] + image_ids (the VLM's image tokens) + prompt (+ answer + eos), right-padded, with
+    labels -100 but on the answer and its eos:  ids    = [bos I I I q q q a a eos pad]
+                                                labels = [ -   - - - - - - a a eos  - ]"""
     seqs, labs = [], []
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     for s in samples:
@@ -343,14 +295,10 @@ def collate(samples: list[dict], tokenizer, image_ids: list[int]) -> dict:
             batch[k] = torch.from_numpy(np.stack([s[k] for s in samples]))
     return batch
 
-
 class Batches:
-    """The collated (ETC batch, action batch) of a training step and the ETC fraction of the
-    global batch. The global batch depends only on (seed, step); DDP process `rank` of
-    `world_size` takes every world_size-th sample of it.
-
-    etc: ETC samples (etc.Samples: `levels`, len, etc(j) -> sample), or None."""
-
+    """The collated (ETC batch, action batch) of a step and the global batch's ETC fraction.
+    The global batch depends only on (seed, step); DDP process `rank` takes every world_size-th
+    sample of it. etc: ETC samples (etc.Samples: `levels`, len, etc(j) -> sample), or None."""
     def __init__(self, etc, actions: ActionSamples | None, tokenizer, image_ids: list[int], batch_size: int,
                  etc_fraction: Ramp, level_weights: dict[str, float] | None = None, seed: int = 0):
         self.etc, self.actions, self.tokenizer, self.image_ids, self.seed = etc, actions, tokenizer, image_ids, seed
@@ -366,17 +314,15 @@ class Batches:
         return (collate(etc, self.tokenizer, self.image_ids) if etc else None,
                 collate(act, self.tokenizer, self.image_ids) if act else None, len(e) / (len(e) + len(a)))
 
-
 def cli(run, config, args: list[str] | None = None):
-    """Parse the command line into the dataclass `config` (or {sub-command: dataclass}) and
-    run it. Bad input the user can fix (DataError, CheckpointError, an unknown task or colour,
-    a diverged run) prints one line and exits 2, so a pipeline can tell it from a crash."""
+    """Run the command line parsed into `config` (a dataclass or {sub-command: dataclass}). Bad
+    input the user can fix (DataError, CheckpointError, an unknown task or colour, a diverged
+    run) prints one line and exits 2, so a pipeline can tell it from a crash."""
     try:
         run(tyro.extras.subcommand_cli_from_dict(config, args=args) if isinstance(config, dict) else tyro.cli(config, args=args))
     except (ValueError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-
 
 if __name__ == "__main__":
     cli(lambda cmd: print(collect(cmd)), {"collect": Collect})

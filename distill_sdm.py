@@ -1,44 +1,29 @@
-"""One-step actions: SDM dual-teacher distillation of the flow action head, and the
-consistency-distillation (CD) baseline, from the same script.
+"""One-step actions: SDM dual-teacher distillation of the flow head; the CD baseline.
 
     python distill_sdm.py               # SDM: teacher out/stage3 -> one-step student out/sdm
     python distill_sdm.py --method cd   # the CD baseline (ManiCM-style) -> out/cd
-    python eval.py success --ckpt out/sdm  # closed-loop success of a student (one step per chunk)
 
-SDM (Jia et al. 2024; DMD / DMD2 for images). Three copies of the teacher's action expert
-share ONE frozen VLM prefix per batch:
-- G, the generator: noise z at the largest t to an action chunk in one pass, x = D_G(z, 1)
-  (at t = 1, model.py's denoiser is exactly one Euler step, so a student is an ordinary
-  checkpoint whose config says steps = 1);
-- D_real, the frozen teacher: the score of the data distribution;
-- D_fake, the unfrozen teacher: trained all along by denoising score matching on G's
-  DETACHED samples, so it tracks the score of G's distribution.
-With s(x_t) = -(x_t - alpha_t D(x_t, t)) / sigma_t^2, the gradient of KL(p_G,t || p_data,t)
-with respect to a sample is s_fake - s_real; G follows it through the mse trick below.
-The script talks to the head only through VLA.denoise and model.schedule.
+SDM (Jia et al. 2024; DMD / DMD2 for images): three copies of the teacher's action expert share
+ONE frozen VLM prefix per batch. G, the generator, maps noise z at t = 1 to a chunk in one pass,
+x = D_G(z, 1) (one Euler step, so a student is a checkpoint whose config says steps = 1); D_real,
+the frozen teacher, scores the data; D_fake, trained all along by denoising score matching on G's
+detached samples, scores G's distribution. With s(x_t) = -(x_t - alpha_t D(x_t, t)) / sigma_t^2,
+the gradient of KL(p_G,t || p_data,t) for a sample is s_fake - s_real; G follows it (mse trick).
 """
-import copy
-import json
-import time
+import copy, json, time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 
-import data
-import model
-import scaffold
+import data, model, scaffold
 
 METHODS = {  # per-method defaults; the command line overrides any of them
     "sdm": dict(out="out/sdm", lr=1e-4, ema=0.0),
     "cd": dict(out="out/cd", lr=1e-4, ema=0.95),
 }
-
 
 @dataclass
 class Config:
@@ -51,10 +36,7 @@ class Config:
     lr: float | None = None  # AdamW learning rate of every trained network (method default)
     warmup: int = 100  # linear learning-rate warm-up steps
     clip: float = 1.0  # gradient-norm clipping
-    # dmd2: per-sample mean |x - D_real|; sdm: one scalar, the batch's mean |s_real|. With t mixed in a
-    # batch, sdm's scalar weights each sample by ~alpha_t / sigma_t^2, so the low-noise, mode-seeking
-    # terms dominate: on the toy mixture of tests/test_distill.py it collapses to one mode, dmd2 does not.
-    normaliser: Literal["sdm", "dmd2"] = "dmd2"
+    normaliser: Literal["sdm", "dmd2"] = "dmd2"  # g's normaliser (dm_direction); sdm's collapses modes on the toy mixture
     t_sampling: Literal["grid", "range"] = "grid"  # t from the teacher's inference grid, or uniform in t_range
     grid_steps: int = 10  # the teacher's Euler steps (its grid for t, CD's skip unit, the regression target)
     t_range: tuple[float, float] = (0.02, 0.98)
@@ -72,48 +54,40 @@ class Config:
     overwrite: bool = False  # replace an existing --out
     device: str = "auto"  # auto | cpu | cuda
 
-
-# ----------------------------------------------------------------------------------------
-# The math, on any tensors x of shape (B, ...): action chunks (B, H, D), or toy points (B, 2)
+# --- The math, on any tensors x of shape (B, ...): action chunks (B, H, D), or toy points (B, 2) ---
 def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.view(-1, *[1] * (x.dim() - 1))
-
 
 def diffuse(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_t = alpha_t x + sigma_t eps (the forward process of the teacher's schedule)."""
     alpha, sigma = model.schedule(bcast(t, x))
     return alpha * x + sigma * eps
 
-
 def score(x_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """s(x_t) = -(x_t - alpha_t x0_hat) / sigma_t^2 (Tweedie: the score from a denoiser)."""
     alpha, sigma = model.schedule(bcast(t, x_t))
     return -(x_t - alpha * x0_hat) / sigma ** 2
 
-
 def dm_direction(x, x_t, t, d_real, d_fake, normaliser: str = "sdm") -> torch.Tensor:
     """The distribution-matching direction g, a positive multiple of s_fake - s_real (SDM step 4).
-    sdm:  (s_fake - s_real) / mean|s_real|, one scalar for the batch (SDM's code);
-    dmd2: (D_fake - D_real) / mean|x - D_real| per sample (DMD2; = (s_fake - s_real) sigma^2/alpha / ...).
-    x, x_t, d_real, d_fake: (B, ...); t: (B,)."""
+    sdm:  (s_fake - s_real) / mean|s_real|, one scalar per batch (SDM's code): with t mixed in a batch
+          it weights samples by ~alpha_t / sigma_t^2, so low-noise, mode-seeking terms dominate;
+    dmd2: (D_fake - D_real) / mean|x - D_real| per sample (DMD2).   x, x_t, d_*: (B, ...); t: (B,)"""
     if normaliser == "sdm":
         s_real = score(x_t, d_real, t)
         return (score(x_t, d_fake, t) - s_real) / s_real.abs().mean()
     dims = tuple(range(1, x.dim()))
     return (d_fake - d_real) / (x - d_real).abs().mean(dims, keepdim=True)
 
-
 def generator_loss(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """L_G = 0.5 * mse(x, sg(x - g)): d L_G / d x = g / numel, so gradient descent on G moves
     its samples along -g, down KL(p_G || p_data) (DMD2's trick: no Jacobian of the scores)."""
     return 0.5 * F.mse_loss(x, (x - g).detach())
 
-
 def fake_score_loss(d_fake_xt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Denoising score matching on generator samples: mse(D_fake(x_t, t), sg(x)). x is detached,
     so no gradient leaks into G (SDM's code forgets this; DMD2 does not)."""
     return F.mse_loss(d_fake_xt, x.detach())
-
 
 def sample_t(cfg: Config, n: int, device) -> torch.Tensor:
     """t on the teacher's Euler grid {1/N, ..., (N-1)/N} (t = 1 is left out: alpha_1 = 0, so
@@ -123,11 +97,9 @@ def sample_t(cfg: Config, n: int, device) -> torch.Tensor:
     lo, hi = cfg.t_range
     return lo + (hi - lo) * torch.rand(n, device=device)
 
-
 def teacher_step(d_teacher, x_t: torch.Tensor, t: torch.Tensor, dt: float) -> torch.Tensor:
     """One Euler step of the teacher's ODE from t to t - dt, through its denoiser: v = (x_t - D) / t."""
     return x_t - dt * (x_t - d_teacher(x_t, t)) / bcast(t, x_t)
-
 
 def cd_loss(d_student, d_target, d_teacher, a, eps, n: torch.Tensor, cfg: Config, mask=None) -> torch.Tensor:
     """Consistency distillation (ManiCM): f(x_tn, t_n) = sg(f_ema(x_tm, t_m)), x_tm = cd_skip teacher
@@ -143,7 +115,6 @@ def cd_loss(d_student, d_target, d_teacher, a, eps, n: torch.Tensor, cfg: Config
         target = d_target(x_m, t - cfg.cd_skip * dt)
     err = (d_student(x_t, t) - target).pow(2).flatten(2 if mask is not None else 1).mean(-1)
     return (err * mask).sum() / mask.sum() if mask is not None else err.mean()
-
 
 def sdm_step(step: int, cfg: Config, generate, d_real, d_fake, opt_g, opt_f, extra_g=None, extra_f=None) -> dict:
     """One SDM step. generate() -> x (B, ...) with gradient into G; d_real, d_fake: (x_t, t) -> x0_hat.
@@ -167,18 +138,14 @@ def sdm_step(step: int, cfg: Config, generate, d_real, d_fake, opt_g, opt_f, ext
     scaffold.update(opt_f, loss_f, cfg.clip)
     return dict(logs, fake=float(loss_f.detach()))
 
-
 def ema_update(ema: nn.Module, net: nn.Module, decay: float):
     with torch.no_grad():
         for pe, p in zip(ema.parameters(), net.parameters()):
             pe.lerp_(p, 1 - decay)
 
-
-# ----------------------------------------------------------------------------------------
 class GanHead(nn.Module):
     """DMD2's discriminator: a linear logit on the fake expert's final features (mean over tokens),
     read with a forward hook so the expert's code stays as it is."""
-
     def __init__(self, fake: nn.Module, width: int):
         super().__init__()
         self.logit, self.feats = nn.Linear(width, 1), None
@@ -188,43 +155,31 @@ class GanHead(nn.Module):
         d_fake(x_t, t)  # fills self.feats: (B, 1 + H, W)
         return self.logit(self.feats.mean(1)).squeeze(-1)
 
-
 def extras(cfg: Config, teacher: model.VLA, gan: GanHead | None, d_fake, batch: dict, z: torch.Tensor):
     """The optional added losses, as functions of G's samples x: (extra_g, extra_f), each or None.
-    GAN (DMD2, non-saturating): G's term, and the classifier's term on the fake network, with
-    noised demonstrations as real; regression (DMD): G(z) onto the teacher's ODE sample of z."""
+    DMD2's non-saturating GAN (G's term; the classifier's on the fake network, noised demos as
+    real) and DMD's regression of G(z) onto the teacher's ODE sample of z."""
     def noised(x):  # (x_t, t) at a fresh t
         t = sample_t(cfg, len(x), x.device)
         return diffuse(x, torch.randn_like(x), t), t
-
-    def gan_g(x):
-        return cfg.gan_weight * F.softplus(-gan(d_fake, *noised(x))).mean()
-
-    def gan_f(x):
-        real = F.softplus(-gan(d_fake, *noised(batch["actions"]))).mean()
-        return cfg.gan_head_weight * (real + F.softplus(gan(d_fake, *noised(x))).mean())
-
     target = teacher.sample(batch, cfg.grid_steps, z) if cfg.regress_weight else None
 
-    def regression(x):
-        return cfg.regress_weight * F.mse_loss(x, target)
-
-    terms = [f for f, on in ((gan_g, gan is not None), (regression, cfg.regress_weight > 0)) if on]
-
     def extra_g(x):
-        return sum(f(x) for f in terms)
-    return (extra_g if terms else None), (gan_f if gan is not None else None)
+        adversarial = cfg.gan_weight * F.softplus(-gan(d_fake, *noised(x))).mean() if gan else 0.0
+        return adversarial + (cfg.regress_weight * F.mse_loss(x, target) if target is not None else 0.0)
 
+    def extra_f(x):
+        real = F.softplus(-gan(d_fake, *noised(batch["actions"]))).mean()
+        return cfg.gan_head_weight * (real + F.softplus(gan(d_fake, *noised(x))).mean())
+    return (extra_g if gan or target is not None else None), (extra_f if gan else None)
 
 def denoiser(vla: model.VLA, expert: nn.Module, prefix: dict):
     """D(x_t, t) -> x0_hat of one copy of the expert, on a VLM prefix computed once per batch."""
     return partial(vla.denoise, prefix=prefix, expert=expert)
 
-
 def step_seed(seed: int, step: int) -> int:
     """Every random draw of a step comes from this seed: resuming at any step is exact."""
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
-
 
 def observations(sets: list[data.ActionSamples], tok, image_ids, cfg: Config, step: int, stream: int = 0) -> dict:
     """A batch of (image, instruction, proprio, demo chunk) drawn uniformly from the union of
@@ -237,7 +192,6 @@ def observations(sets: list[data.ActionSamples], tok, image_ids, cfg: Config, st
         k = int(np.searchsorted(sizes, j, side="right") - 1)
         samples.append(sets[k](int(j - sizes[k]), rng))
     return data.collate(samples, tok, image_ids)
-
 
 def main(cfg: Config):
     for k, v in METHODS[cfg.method].items():
@@ -286,8 +240,7 @@ def main(cfg: Config):
         print(json.dumps(first))
         scaffold.log(log, dict(config=asdict(cfg), **first), echo=False)
 
-    def save(step: int):
-        scaffold.save(student, out, step, cfg, prov, proc, **states)
+    save = partial(scaffold.save, student, out, cfg, prov, proc, **states)  # save(step)
 
     done, t0 = start, time.perf_counter()
     try:
@@ -329,7 +282,6 @@ def main(cfg: Config):
     save(cfg.steps)  # the student: the teacher's VLM + the one-step head, steps = 1 in its config
     log.close()
     print(f"saved the one-step student to {out}; evaluate it with `python eval.py success --ckpt {out}`")
-
 
 if __name__ == "__main__":
     data.cli(main, Config)

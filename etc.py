@@ -1,49 +1,39 @@
-"""ETC: embodied trajectory-coupled vision-language data, made from the same robot
-trajectories as the actions, with exact answers from the simulator state and the camera.
+"""ETC: embodied trajectory-coupled vision-language data (three levels, OOD), records, scoring.
 
-    python etc.py --data data/source                          # -> data/source/etc.jsonl
-    python etc.py --data data/ood --paraphrases heldout       # OOD ETC: held-out phrasings
+    python etc.py --data data/source                     # -> data/source/etc.jsonl
+    python etc.py --data data/ood --paraphrases heldout  # OOD ETC: held-out phrasings
 
-The paper's three levels (PAPERS.md): scene grounding (where things are), task-oriented
-(where to act, what comes next, is it done) and action-aligned planning (the gripper's
-future path, its relation to the object, its next move). A record is one JSON line that
-points at a frame of a collected dataset; it never carries an action label:
+Made from the same trajectories as the actions, answers exact from the simulator state and the
+camera, in the paper's three levels: scene grounding (where things are), task-oriented (where to
+act, what comes next, is it done), action-aligned planning (the gripper's path, its relation to
+the object, its next move). A record is a JSON line pointing at a frame; never an action label:
 
-    {"task": "push", "frame": 40, "episode": 0, "step": 40, "level": "planning",
-     "kind": "trajectory", "question": "predict the trajectory of: push the puck to the goal",
-     "answer": "30 40, 30 38, 30 36, 31 35, 32 34"}
+    {"task": "push", "frame": 40, "episode": 0, "step": 40, "level": "planning", "kind": "trajectory",
+     "question": "predict the trajectory of: push the puck to the goal", "answer": "30 40, 30 38, ..."}
 
-The model sees "question: <q>\\nanswer: " after the image and learns the answer with the
-next-token loss (`prompt`, `sample`); `scores` grades greedy answers per level.
-This file stands on data.py (datasets) and sim.py (camera, language); nothing below imports it.
+The model reads "question: <q>\\nanswer: " after the image and learns the answer with the next-token
+loss; `scores` grades greedy answers per level. Stands on data.py and sim.py; nothing below imports it.
 """
-import json
-import math
-import re
+import json, math, re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-import data
-import sim
+import data, sim
 
 LEVELS = ("scene", "task", "planning")  # the paper's three ETC levels
 PHASES = ("approach", "grasp", "lift", "move to goal", "release", "push", "pull", "done")
 COORDS = ("point", "box", "contact", "trajectory")  # kinds whose answers are pixel coordinates
 SECOND_NOUN = {"hammer": "nail", "stick-push": "thermos", "stick-pull": "thermos"}
 
-
-# ----------------------------------------------------------------------------------------
-# Phases: the sub-goal plan of an episode, labelled by rules
+# --- Phases: the sub-goal plan of an episode, labelled by rules -------------------------------
 def label_phases(hand: np.ndarray, grip: np.ndarray, obj: np.ndarray, contact: np.ndarray,
                  success: np.ndarray, task: str) -> list[str]:
-    """A phase name per step, from the state, the contacts and the expert's grip command.
-
-    hand, obj: (T, 3) gripper and main-object positions; grip: (T,) grip command (> 0
-    closes); contact: (T,) World.contact() codes; success: (T,) bool. Phases: approach,
-    grasp, lift, move to goal, release, push, pull, done (reach tasks: move to goal, done)."""
+    """A PHASES name per step, from the state, the contacts and the expert's grip command.
+    hand, obj: (T, 3) gripper and main-object positions; grip: (T,) grip command (> 0 closes);
+    contact: (T,) World.contact() codes; success: (T,) bool. Reach tasks: move to goal, done."""
     dist = np.linalg.norm(hand - obj, axis=1)
     moved = np.linalg.norm(obj - obj[0], axis=1) > 0.02  # has the object left its start?
     vel = np.diff(obj, axis=0, append=obj[-1:])  # (T, 3) object motion over the next step
@@ -71,22 +61,17 @@ def label_phases(hand: np.ndarray, grip: np.ndarray, obj: np.ndarray, contact: n
         phases.append(p)
     return phases
 
-
-# ----------------------------------------------------------------------------------------
-# Questions and answers for one frame
+# --- Questions and answers for one frame ------------------------------------------------------
 def pt(uv) -> str:
     return f"{int(uv[0])} {int(uv[1])}"  # the pixel that contains the point
 
-
 def inside(uv, size: int) -> bool:
     return bool(0 <= uv[0] < size and 0 <= uv[1] < size)
-
 
 def camera_axes(cam_row: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(right, up, forward) unit vectors of the camera stored per frame."""
     _, fwd, up = sim.camera_pose(sim.Camera(tuple(cam_row[:3]), *cam_row[3:]))
     return np.cross(fwd, up), up, fwd
-
 
 def relation(hand: np.ndarray, obj: np.ndarray, cam_row: np.ndarray, tol: float = 0.01) -> str:
     """Where the gripper is relative to the object, as the camera sees it."""
@@ -96,7 +81,6 @@ def relation(hand: np.ndarray, obj: np.ndarray, cam_row: np.ndarray, tol: float 
     height = "above" if d[2] > tol else "below" if d[2] < -tol else "level"
     depth = "in front" if d @ fwd < -tol else "behind" if d @ fwd > tol else "level"
     return f"{side}, {height}, {depth}"
-
 
 def motion(hand: np.ndarray, grip: np.ndarray, t: int, cam_row: np.ndarray, h: int = 5) -> str:
     """The gripper's dominant move over the next h steps (camera frame), and a grip change."""
@@ -112,11 +96,9 @@ def motion(hand: np.ndarray, grip: np.ndarray, t: int, cam_row: np.ndarray, h: i
         move += " and " + ("close" if closing[-1] else "open") + " the gripper"
     return move
 
-
 def for_frame(a: dict, i: int, frames: np.ndarray, task: str, nouns: list[str],
               color: str | None, instruction: str, size: int) -> list[tuple[str, str, str, str]]:
     """(level, kind, question, answer) for frame i of the episode whose frames are `frames`.
-
     a: the task's arrays (with 'phase'); nouns: its objects, main first, with the colour word."""
     box = lambda b: f"{pt(b[:2])} {pt(b[2:])}"  # noqa: E731
     out = []
@@ -151,16 +133,13 @@ def for_frame(a: dict, i: int, frames: np.ndarray, task: str, nouns: list[str],
              motion(a["hand"][frames], a["grip"][frames], i - frames[0], a["camera"][i]))]
     return out
 
-
-# ----------------------------------------------------------------------------------------
-# Records of a dataset, on disk as JSON lines
+# --- Records of a dataset, on disk as JSON lines ----------------------------------------------
 @dataclass
 class Etc:
     data: str = "data/source"  # a dataset folder from `python data.py collect`
     every: int = 4  # questions for one frame in `every`
     paraphrases: Literal["train", "heldout"] = "train"  # instructions in task questions; heldout: OOD language
     seed: int = 0  # picks the instruction paraphrase per episode
-
 
 def records(ds: data.Dataset, every: int = 4, paraphrases: str = "train", seed: int = 0) -> list[dict]:
     """All ETC records of a dataset, deterministic in (dataset, every, paraphrases, seed)."""
@@ -181,7 +160,6 @@ def records(ds: data.Dataset, every: int = 4, paraphrases: str = "train", seed: 
                                      level=level, kind=kind, question=q, answer=ans))
     return recs
 
-
 def write(cfg: Etc) -> Path:
     ds = data.Dataset(cfg.data)
     recs = records(ds, cfg.every, cfg.paraphrases, cfg.seed)
@@ -190,7 +168,6 @@ def write(cfg: Etc) -> Path:
     tmp.rename(out)  # derived from the dataset, so regenerating it loses nothing
     print(f"wrote {len(recs)} ETC records to {out}: { {lv: sum(r['level'] == lv for r in recs) for lv in LEVELS} }")
     return out
-
 
 def read(path: str | Path) -> list[dict]:
     path = Path(path)
@@ -206,11 +183,9 @@ def read(path: str | Path) -> list[dict]:
         recs.append(r)
     return recs
 
-
 def held_out(rec: dict, every: int) -> bool:
     """Every `every`-th episode of each task is kept out of ETC training, for evaluation."""
     return rec["episode"] % every == every - 1
-
 
 def load(paths, levels=LEVELS, holdout: int = 10, image_size: int | None = None) -> tuple[list, list[list]]:
     """The records of some datasets as (dataset, record) items: those to train on, and the
@@ -223,21 +198,16 @@ def load(paths, levels=LEVELS, holdout: int = 10, image_size: int | None = None)
         held.append([(ds, r) for r in recs if held_out(r, holdout)])
     return train, held
 
-
-# ----------------------------------------------------------------------------------------
-# Prompts, samples and scores
+# --- Prompts, samples and scores --------------------------------------------------------------
 def prompt(question: str) -> str:
     return f"question: {question}\nanswer: "
-
 
 def sample(ds: data.Dataset, rec: dict) -> dict:
     """An ETC record with its frame's image; the answer is what the loss is taken on."""
     return dict(image=np.asarray(ds.arrays[rec["task"]]["images"][rec["frame"]]), text=prompt(rec["question"]), answer=rec["answer"])
 
-
 class Samples:
     """(dataset, record) items as samples for data.Batches, which mixes them by `levels`."""
-
     def __init__(self, items: list[tuple[data.Dataset, dict]]):
         self.items, self.levels = items, [r["level"] for _, r in items]
 
@@ -246,7 +216,6 @@ class Samples:
 
     def __call__(self, j: int) -> dict:
         return sample(*self.items[j])
-
 
 def error(kind: str, pred: str, answer: str) -> float:
     """Coordinates: mean pixel distance between predicted and true points (inf if the
@@ -257,7 +226,6 @@ def error(kind: str, pred: str, answer: str) -> float:
     if got.shape != want.shape:
         return math.inf
     return float(np.linalg.norm((got - want).reshape(-1, 2), axis=1).mean())
-
 
 def scores(recs: list[dict], preds: list[str], tol: float = 4.0) -> dict:
     """Per level: accuracy (exact words; coordinates within `tol` px) and the median pixel
@@ -272,7 +240,6 @@ def scores(recs: list[dict], preds: list[str], tol: float = 4.0) -> dict:
                            px_err=float(np.median(px)) if px else None)  # of answers that parsed
     return out
 
-
 # The questions' and answers' words: with every instruction, the tiny tokenizer's corpus.
 WORDS = ("question: where is the gripper?\nanswer: ", "locate the goal", "is the gripper open or closed?",
          "what colour is the", "where should the gripper act to", "what is the next step to",
@@ -280,13 +247,11 @@ WORDS = ("question: where is the gripper?\nanswer: ", "locate the goal", "is the
          "left, right, aligned, above, below, level, in front, behind", "where does the gripper move next?",
          "stay up down toward the camera away from the camera and close open the gripper")
 
-
 def corpus() -> list[str]:
     """Every text the policy reads or writes: instructions in every colour, ETC words, pixel
     numbers. model.tiny_tokenizer learns its merges from it, so prompts stay short."""
     texts = [t for task in sim.TASKS for c in [None, *sim.PALETTE] for t in sim.instructions(task, c, "all")]
     return texts + list(WORDS) + list(PHASES) + [f"{i} {j}, " for i in range(128) for j in range(0, 128, 7)]
-
 
 if __name__ == "__main__":
     data.cli(write, Etc)

@@ -1,4 +1,4 @@
-"""Evaluation: closed-loop success, ETC question accuracy, representation drift, the results.
+"""Evaluation: closed-loop success, ETC question accuracy, representation drift, the results tables.
 
     python eval.py success --ckpt out/stage3                    # target scene, 3 seeds x 10 layouts per task
     python eval.py success --ckpt out/sdm --object-colors yellow "0,128,255" \\
@@ -7,28 +7,17 @@
     python eval.py cka --a out/stage1 --b out/stage2            # layer-wise linear CKA between two checkpoints
     python eval.py report                                       # the results tables from out/eval/ and out/bench.md
 
-Every command writes out/eval/<name>.json (and .md); `report` reads them back, so the README's
-results are produced by `python eval.py report --readme README.md`, never typed by hand.
+Each command writes out/eval/<name>.json; `report --readme README.md` writes the README's results.
 """
-import itertools
-import json
-import multiprocessing as mp
-import os
-import re
+import ast, itertools, json, multiprocessing as mp, os, re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import torch
+import numpy as np, torch
 from tqdm import tqdm
 
-import data
-import etc
-import model
-import scaffold
-import sim
-
+import data, etc, model, scaffold, sim
 
 @dataclass
 class Success:
@@ -51,7 +40,6 @@ class Success:
     name: str | None = None  # results file stem; default: the checkpoint's folder name
     out: str = "out/eval"
 
-
 @dataclass
 class EtcAccuracy:
     """Vision-language retention: ETC question accuracy per level on held-out frames."""
@@ -61,7 +49,6 @@ class EtcAccuracy:
     limit: int = 300  # records asked (an even spread over the held-out ones)
     name: str | None = None
     out: str = "out/eval"
-
 
 @dataclass
 class Cka:
@@ -73,7 +60,6 @@ class Cka:
     name: str | None = None
     out: str = "out/eval"
 
-
 @dataclass
 class Report:
     """The results tables (markdown) from out/eval/*.json and bench.py's out/bench.md."""
@@ -81,16 +67,12 @@ class Report:
     bench: str = "out/bench.md"
     readme: str | None = None  # also replace the README's generated section (between its markers)
 
-
-# ----------------------------------------------------------------------------------------
-# Closed-loop success
+# --- Closed-loop success ----------------------------------------------------------------------
 POLICY = {}  # per worker process: the loaded checkpoint
-
 
 def init_worker(ckpt: str, steps: int | None):
     torch.set_num_threads(1)  # one core per worker: the workers are the parallelism
     POLICY["vla"], POLICY["steps"] = model.load(ckpt), steps
-
 
 def run_job(job: tuple) -> tuple:
     """One (task, condition, seed) block of episodes -> (job, successes, frames or None)."""
@@ -101,7 +83,6 @@ def run_job(job: tuple) -> tuple:
     ok = sim.run_policy(scaffold.policy(vla, POLICY["steps"]), task, data.eval_seeds(task, seed, cfg.episodes), text,
                         variation, vla.cfg.image_size, cfg.max_steps, cfg.execute, frames)
     return (task, cond, seed), ok, (frames[:cfg.gifs] if frames else None), text
-
 
 def summarise(outcomes: dict) -> dict:
     """{(task, condition, seed): [success per episode]} -> per (task, condition): the success
@@ -120,27 +101,20 @@ def summarise(outcomes: dict) -> dict:
         overall[cond] = dict(mean=float(per_seed.mean()), std=float(per_seed.std()))
     return dict(rows=list(rows.values()), overall=overall)
 
-
 def success_markdown(summary: dict, title: str) -> str:
     lines = [f"**{title}**", "", "| task | condition | success (mean +- std over seeds) | episodes |", "|---|---|---|---|"]
-    for r in summary["rows"]:
-        lines.append(f"| {r['task']} | {r['condition']} | {r['mean']:.2f} +- {r['std']:.2f} | {r['episodes']} |")
-    for cond, o in summary["overall"].items():
-        lines.append(f"| **mean** | {cond} | **{o['mean']:.2f} +- {o['std']:.2f}** | |")
+    lines += [f"| {r['task']} | {r['condition']} | {r['mean']:.2f} +- {r['std']:.2f} | {r['episodes']} |" for r in summary["rows"]]
+    lines += [f"| **mean** | {c} | **{o['mean']:.2f} +- {o['std']:.2f}** | |" for c, o in summary["overall"].items()]
     return "\n".join(lines) + "\n"
 
-
-def write_result(out: Path, result: dict):
-    """out/<name>.json: what `report` reads back."""
+def write_result(out: Path, result: dict):  # out/<name>.json: what `report` reads back
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{result['name']}.json").write_text(json.dumps(result, indent=1))
-
 
 def write_gif(path: Path, frames: list[np.ndarray], scale: int = 3):
     from PIL import Image
     images = [Image.fromarray(f.repeat(scale, 0).repeat(scale, 1)) for f in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=50, loop=0)
-
 
 def success(cfg: Success) -> dict:
     for c in cfg.object_colors + cfg.table_colors:
@@ -156,18 +130,13 @@ def success(cfg: Success) -> dict:
     conds = [dict(base, object_color=o, table_color=t, camera_jitter=base["camera_jitter"] if cfg.camera_jitter is None else cfg.camera_jitter)
              for o, t in itertools.product(cfg.object_colors or [base["object_color"]], cfg.table_colors or [base["table_color"]])]
     label = lambda c: ", ".join(f"{k.split('_')[0]} {v}" for k, v in c.items() if v) or "default"  # noqa: E731
-    jobs = [(t, label(c), s, cfg) for t in tasks for c in conds for s in cfg.seeds]
-    by_label = {label(c): c for c in conds}
-    name = cfg.name or Path(cfg.ckpt).name
-    out = Path(cfg.out)
+    jobs = [(t, c, s, cfg) for t in tasks for c in conds for s in cfg.seeds]
+    name, out, outcomes, texts = cfg.name or Path(cfg.ckpt).name, Path(cfg.out), {}, {}
     out.mkdir(parents=True, exist_ok=True)
-    outcomes, texts = {}, {}
     ctx = mp.get_context("spawn")  # a fresh interpreter per worker: MuJoCo/EGL state is not fork-safe
     with ctx.Pool(cfg.workers, init_worker, (cfg.ckpt, cfg.steps)) as pool, tqdm(total=len(jobs) * cfg.episodes, desc=name) as bar:
-        work = [(t, by_label[c], s, cfg) for t, c, s, _ in jobs]
-        for (task, cond, seed), ok, frames, text in pool.imap_unordered(run_job, work):
-            key = (task, label(cond), seed)
-            outcomes[key], texts[task] = ok, text
+        for (task, cond, seed), ok, frames, text in pool.imap_unordered(run_job, jobs):
+            outcomes[(task, label(cond), seed)], texts[task] = ok, text
             bar.update(len(ok))
             for i, f in enumerate(frames or []):
                 slug = re.sub(r"[^a-z0-9]+", "-", f"{name} {task} {label(cond)} {i}".lower()).strip("-")
@@ -181,9 +150,7 @@ def success(cfg: Success) -> dict:
     print(md)
     return result
 
-
-# ----------------------------------------------------------------------------------------
-# ETC accuracy and representation drift
+# --- ETC accuracy and representation drift ----------------------------------------------------
 def etc_accuracy(cfg: EtcAccuracy) -> dict:
     vla = model.load(cfg.ckpt)
     recs = [item for h in etc.load(cfg.data, holdout=cfg.holdout, image_size=vla.cfg.image_size)[1] for item in h]
@@ -197,14 +164,12 @@ def etc_accuracy(cfg: EtcAccuracy) -> dict:
     print(json.dumps(result["scores"]))
     return result
 
-
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA (Kornblith et al. 2019) of two representations of the same n inputs,
     x: (n, d1), y: (n, d2):  ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) after centring the
     columns. 1 for the same representation up to rotation and scale; ~0 for unrelated ones."""
     x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
     return float((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
-
 
 @torch.no_grad()
 def hidden_states(vla: model.VLA, batch: dict) -> list[torch.Tensor]:
@@ -213,7 +178,6 @@ def hidden_states(vla: model.VLA, batch: dict) -> list[torch.Tensor]:
                   pixel_values=model.pixels(vla.vlm, batch["images"]), output_hidden_states=True)
     keep = batch["attention_mask"].bool()
     return [h[keep].float() for h in out.hidden_states]
-
 
 def cka(cfg: Cka) -> dict:
     a, b = model.load(cfg.a), model.load(cfg.b)
@@ -231,23 +195,8 @@ def cka(cfg: Cka) -> dict:
     print(name, " ".join(f"{v:.3f}" for v in layers))
     return result
 
-
-# ----------------------------------------------------------------------------------------
-# The results section of the README
-FILES = {  # the file map: each file's one concept
-    "sim.py": "the robot world: Meta-World, fast renderer, projection, experts, instructions, scene variations",
-    "data.py": "demonstrations on disk, loading, normalisation, action samples, the ETC/action mixing sampler, collation",
-    "etc.py": "ETC generation from trajectories (three levels, phases, OOD), records on disk, prompts, scoring",
-    "model.py": "the VLA: Hugging Face VLM + flow action expert or action tokens; denoiser interface; save/load",
-    "scaffold.py": "what the training loops share: processes, lr, logging, checkpoints, resume, provenance, evaluation",
-    "train_etc.py": "stage 1, Distribution Bridging",
-    "train_vla.py": "stage 2 Objective Bridging, stage 3 Retentive Adaptation, and the baselines",
-    "distill_sdm.py": "SDM dual-teacher distillation to one step; the CD baseline",
-    "eval.py": "closed-loop success, ETC accuracy, CKA drift, these tables",
-    "bench.py": "speed: training throughput and MFU, latency, peer timing, collection",
-}
+# --- The results section of the README --------------------------------------------------------
 MARK = ("<!-- results: generated by `python eval.py report --readme README.md` -->", "<!-- end of results -->")
-
 
 def report_markdown(cfg: Report) -> str:
     res = [json.loads(p.read_text()) for p in sorted(Path(cfg.results).glob("*.json"))]
@@ -281,13 +230,12 @@ def report_markdown(cfg: Report) -> str:
     if bench.is_file():
         out += ["**Speed** (`python bench.py`)", "", bench.read_text().strip(), ""]
     root = Path(__file__).resolve().parent
-    lines = {f: len((root / f).read_text().splitlines()) for f in FILES if (root / f).is_file()}
+    files = {p.name: p.read_text() for p in sorted(root.glob("*.py"))}  # concept: the docstring's first line
     tests = sum(len(p.read_text().splitlines()) for p in (root / "tests").glob("*.py"))
     out += ["**File map**", "", "| file | lines | concept |", "|---|---|---|"]
-    out += [f"| `{f}` | {n} | {FILES[f]} |" for f, n in lines.items()]
-    out += [f"| `tests/` | {tests} | pytest |", f"| core total | {sum(lines.values())} | |"]
+    out += [f"| `{f}` | {len(t.splitlines())} | {ast.get_docstring(ast.parse(t)).splitlines()[0]} |" for f, t in files.items()]
+    out += [f"| `tests/` | {tests} | pytest |", f"| core total | {sum(len(t.splitlines()) for t in files.values())} | |"]
     return "\n".join(out) + "\n"
-
 
 def report(cfg: Report) -> str:
     md = report_markdown(cfg)
@@ -301,10 +249,8 @@ def report(cfg: Report) -> str:
     print(md)
     return md
 
-
 COMMANDS = dict(success=Success, etc=EtcAccuracy, cka=Cka, report=Report)
 RUN = {Success: success, EtcAccuracy: etc_accuracy, Cka: cka, Report: report}
-
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

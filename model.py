@@ -1,12 +1,9 @@
-"""The VLA: a Hugging Face vision-language model plus an action head.
+"""The VLA: a Hugging Face VLM + a flow action expert or action tokens; the denoiser; save/load.
 
-Two action heads, chosen by VLAConfig.head:
-- "flow": a small transformer (the action expert, as in pi0 / SmolVLA) whose tokens are the
-  proprio state and the noisy action chunk. Expert layer i attends to the VLM's keys and
-  values of layer feed_layers[i] for the prefix (image + instruction), computed ONCE per
-  observation and reused at every denoising step. Trained with flow matching.
-- "tokens": actions discretised into bins mapped to reserved tokens, predicted by the VLM's
-  own LM head with the next-token loss (the paper's stage-2 head, pi0-FAST style).
+Two action heads (VLAConfig.head): "flow", a small transformer (the action expert, as in pi0 /
+SmolVLA) over the proprio state and the noisy chunk, trained with flow matching, whose layer i
+attends to the prefix KV of VLM layer feed_layers[i] (computed once per observation); "tokens",
+binned actions as reserved tokens from the VLM's own LM head (pi0-FAST style).
 
 Time convention (pi0's), used everywhere in this project:
     t in [0, 1], t = 1 is pure noise;  x_t = (1 - t) a + t eps;  velocity u = eps - a
@@ -15,28 +12,20 @@ Time convention (pi0's), used everywhere in this project:
 Distillation talks to the head only through VLA.denoise(x_t, t, prefix) -> x0_hat and
 schedule(t) -> (alpha_t, sigma_t), so it does not depend on how the head was trained.
 
-This file imports torch, transformers, safetensors and numpy only: the caller tokenises
-(data.collate) and, for the tiny model, hands over the texts its tokenizer learns from.
+Imports torch, transformers, safetensors and numpy only: the caller tokenises (data.collate).
 """
-import inspect
-import json
-import math
-import shutil
+import inspect, json, math, shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+import torch, torch.nn as nn, torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
 FORMAT = "bridgevla-vla-2"  # 2: the VLM's config and the provenance stand beside the VLA config
 
-
 class CheckpointError(ValueError):
     """A checkpoint that is missing or does not fit this code; the message names the fix."""
-
 
 @dataclass(frozen=True)
 class VLAConfig:
@@ -56,9 +45,7 @@ class VLAConfig:
     token_range: float = 3.0
     steps: int = 10  # Euler steps when sampling; a distilled one-step student saves 1
 
-
-# ----------------------------------------------------------------------------------------
-# The VLM: tiny offline Idefics3, or any pretrained AutoModelForImageTextToText
+# --- The VLM: tiny offline Idefics3, or any pretrained AutoModelForImageTextToText ------------
 def tiny_tokenizer(n_action_tokens: int, corpus: list[str], vocab_size: int = 1024):
     """A byte-level BPE tokenizer trained offline with `tokenizers` (about a second) on the texts
     the policy reads and writes (etc.corpus()). Any text still encodes (all 256 bytes are in
@@ -75,7 +62,6 @@ def tiny_tokenizer(n_action_tokens: int, corpus: list[str], vocab_size: int = 10
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<eos>", additional_special_tokens=specials[3:])
 
-
 def tiny_vlm_config(vocab_size: int, image_token_id: int, image_size: int) -> dict:
     """SmolVLM's architecture (Idefics3) at toy size: 64 px, patch 8, pixel shuffle 2 -> 16 tokens."""
     return dict(model_type="idefics3", scale_factor=2, image_token_id=image_token_id,
@@ -85,7 +71,6 @@ def tiny_vlm_config(vocab_size: int, image_token_id: int, image_size: int) -> di
                                  num_attention_heads=4, num_key_value_heads=4, intermediate_size=512,
                                  vocab_size=vocab_size, max_position_embeddings=1024,
                                  tie_word_embeddings=False))
-
 
 def build_vlm(cfg: VLAConfig, vlm_config: dict | None, tokenizer, corpus: list[str]):
     """(vlm, tokenizer). A saved vlm_config rebuilds the architecture with no download."""
@@ -103,17 +88,14 @@ def build_vlm(cfg: VLAConfig, vlm_config: dict | None, tokenizer, corpus: list[s
     vlm.resize_token_embeddings(len(tokenizer))
     return vlm, tokenizer
 
-
 def image_token_ids(vc, tokenizer) -> list[int]:
-    """The ids that stand for one image in a prompt, as Idefics3 / SmolVLM's processor lays
-    them out for a single un-split image: [<fake_token_around_image> <global-img>]
-    <image> x n [<fake_token_around_image>], n = (size / patch)^2 / shuffle^2. The tiny
-    tokenizer has no wrapper tokens, so it gets the bare <image> block."""
+    """The ids of one un-split image in a prompt, as Idefics3 / SmolVLM's processor lays them out:
+    [<fake_token_around_image> <global-img>] <image> x n [<fake_token_around_image>], n = (size /
+    patch)^2 / shuffle^2; the wrapper tokens only where the tokenizer has them (not the tiny one)."""
     n = (vc.vision_config.image_size // vc.vision_config.patch_size) ** 2 // vc.scale_factor ** 2
     vocab = tokenizer.get_vocab()
     wrap = [vocab[t] for t in ("<fake_token_around_image>", "<global-img>") if t in vocab]
     return wrap + [vc.image_token_id] * n + wrap[:1]
-
 
 def pixels(vlm, images: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 1, 3, S, S) in [-1, 1] at the vision tower's size S."""
@@ -123,21 +105,17 @@ def pixels(vlm, images: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False)
     return ((x - 0.5) / 0.5)[:, None].to(vlm.dtype)  # SigLIP / Idefics3 normalisation
 
-
 def cache_of(out):
     """The KV cache a forward pass returned (transformers 5.24 renamed past_key_values to cache)."""
     return out["cache"] if "cache" in out else out["past_key_values"]
-
 
 def with_cache(vlm, cache) -> dict:
     """The cache as a forward argument, under the name this transformers version reads."""
     return {"cache" if "cache" in inspect.signature(vlm.forward).parameters else "past_key_values": cache}
 
-
 def kv_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (keys, values), each (B, kv_heads, L, head_dim), from a transformers cache."""
     return [(layer.keys, layer.values) for layer in cache.layers]
-
 
 @torch.no_grad()
 def greedy(vlm, batch: dict, max_new: int, eos: int, pad: int, allowed: tuple[int, int] | None = None) -> torch.Tensor:
@@ -162,7 +140,6 @@ def greedy(vlm, batch: dict, max_new: int, eos: int, pad: int, allowed: tuple[in
         logits, cache = out.logits[:, -1], cache_of(out)
     return torch.stack(new, 1)
 
-
 def global_loss(terms: dict, weights: dict, world_size: int = 1) -> tuple[torch.Tensor, dict]:
     """sum_k w_k * (global sum_k / global count_k) over {name: (sum, count)} from VLA.forward.
     DDP averages gradients over processes, so the local part is scaled by world_size; the
@@ -178,25 +155,20 @@ def global_loss(terms: dict, weights: dict, world_size: int = 1) -> tuple[torch.
             logs[name] = (stats[0] / stats[1]).item()
     return loss, logs
 
-
-# ----------------------------------------------------------------------------------------
-# Flow matching and action tokens: the math, in small functions
+# --- Flow matching and action tokens: the math, in small functions ----------------------------
 def schedule(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha_t, sigma_t) of the rectified-flow path x_t = alpha_t a + sigma_t eps."""
     return 1.0 - t, t
-
 
 def flow_target(a: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x_t = (1 - t) a + t eps and the velocity u = eps - a.   a, eps: (B, H, D); t: (B,)"""
     t = t[:, None, None]
     return (1 - t) * a + t * eps, eps - a
 
-
 def flow_sums(v: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over valid steps of ||v - u||^2 / D, number of valid steps)  (pi0 eq. 1).
     v, u: (B, H, D); mask: (B, H), 0 on steps padded past the episode's end."""
     return ((v - u).pow(2).mean(-1) * mask).sum(), mask.sum()
-
 
 def next_token_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy of token i+1 given tokens <= i, number of labelled tokens).
@@ -205,11 +177,9 @@ def next_token_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum")
     return ce, (target != -100).sum()
 
-
 def sample_time(u: torch.Tensor) -> torch.Tensor:
     """Uniform u in [0, 1) -> pi0's t ~ Beta(1.5, 1) on [0.001, 1]: more weight on the noisier half."""
     return 0.999 * u.pow(1 / 1.5) + 0.001  # inverse CDF of Beta(1.5, 1) is u^(1/1.5)
-
 
 def euler(velocity, x1: torch.Tensor, num_steps: int) -> torch.Tensor:
     """Integrate dx/dt = v(x, t) from t = 1 (noise) to t = 0 (actions) in num_steps steps."""
@@ -219,7 +189,6 @@ def euler(velocity, x1: torch.Tensor, num_steps: int) -> torch.Tensor:
         x = x + dt * velocity(x, t)
     return x
 
-
 def time_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0) -> torch.Tensor:
     """pi0's sinusoidal embedding of t in [0, 1]: (B,) -> (B, dim), periods geometric in
     [min_period, max_period] so that small differences in t stay visible."""
@@ -228,25 +197,18 @@ def time_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3, max_peri
     ang = t[:, None].float() * (2 * math.pi / period)[None]  # (B, dim/2)
     return torch.cat([ang.sin(), ang.cos()], -1).to(t.dtype)
 
-
 def to_bins(a: torch.Tensor, bins: int, r: float) -> torch.Tensor:
     """Normalised values -> bin index in [0, bins): uniform bins over [-r, r]."""
     return ((a.clamp(-r, r) + r) / (2 * r) * bins).long().clamp(max=bins - 1)
 
-
 def from_bins(b: torch.Tensor, bins: int, r: float) -> torch.Tensor:
     return (b.float() + 0.5) / bins * 2 * r - r  # bin centres
 
-
-# ----------------------------------------------------------------------------------------
-# The action expert
+# --- The action expert ------------------------------------------------------------------------
 class ExpertLayer(nn.Module):
-    """Pre-norm transformer layer whose queries see the prefix KV of one VLM layer.
-
-    Keys/values = [projected VLM prefix keys/values ; the expert's own]. The expert tokens
-    attend to each other fully and to every non-padding prefix token; the prefix never sees
-    them, so its KV can be computed once per observation."""
-
+    """Pre-norm transformer layer whose queries see the prefix KV of one VLM layer: keys/values =
+    [projected VLM prefix keys/values ; the expert's own]. Expert tokens attend to each other and
+    to every real prefix token; the prefix never sees them, so its KV is computed once."""
     def __init__(self, width: int, heads: int, mlp: int, vlm_kv_dim: int):
         super().__init__()
         self.heads = heads
@@ -272,10 +234,8 @@ class ExpertLayer(nn.Module):
         x = x + self.out(a.transpose(1, 2).reshape(B, S, W))
         return x + self.mlp(self.norm2(x))
 
-
 class ActionExpert(nn.Module):
     """Tokens [state, a_1 .. a_H] -> velocity for a_1 .. a_H."""
-
     def __init__(self, cfg: VLAConfig, n_layers: int, vlm_kv_dim: int):
         super().__init__()
         W = cfg.expert_width
@@ -301,8 +261,6 @@ class ActionExpert(nn.Module):
             h = layer(h, pk, pv, projected["mask"])
         return self.action_out(self.norm(h[:, 1:]))
 
-
-# ----------------------------------------------------------------------------------------
 class VLA(nn.Module):
     """A VLM and an action head. With the flow head, one observation is two segments:
 
@@ -314,7 +272,6 @@ class VLA(nn.Module):
 
     Inference: sample(batch, num_steps) -> a normalised chunk per observation; denoise(x_t, t,
     prefix) -> x0_hat, the interface distillation uses. Batches come from data.collate."""
-
     def __init__(self, cfg: VLAConfig, tokenizer=None, stats: dict | None = None,
                  vlm_config: dict | None = None, corpus: list[str] = ()):
         super().__init__()
@@ -351,9 +308,8 @@ class VLA(nn.Module):
         return x_t - t[:, None, None] * expert(x_t, t, expert.project(prefix))
 
     def forward(self, etc: dict | None = None, act: dict | None = None, insulate: bool = False, generator=None) -> dict:
-        """Summed loss terms and their counts, {name: (sum, count)}: 'lm' for an ETC batch,
-        'flow' or 'tokens' for an action batch. Sums (not means) let a trainer normalise by
-        the global count, so that DDP over any number of processes equals one process.
+        """{name: (sum, count)} of each loss term: 'lm' for an ETC batch, 'flow' or 'tokens' for an
+        action batch; sums, so a trainer divides by the global count and DDP equals one process.
         insulate: keep this step's action gradient out of the VLM (a fresh expert's warm-up)."""
         out = {}
         if etc is not None:  # ETC: next-token loss on the answer tokens only
@@ -404,13 +360,10 @@ class VLA(nn.Module):
         (tmp / "config.json").write_text(json.dumps(meta, indent=1))
         (tmp / "stats.json").write_text(json.dumps(self.stats, indent=1))
         self.tokenizer.save_pretrained(tmp)
-        if path.exists():  # the old folder goes only once the new one is complete
-            old = path.rename(path.with_name(f".{path.name}.old"))
-            tmp.rename(path)
+        old = path.rename(path.with_name(f".{path.name}.old")) if path.exists() else None
+        tmp.rename(path)  # the old folder goes only once the new one is complete
+        if old:
             shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-
 
 def with_action_tokens(vla: "VLA", batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens head's (logits, labels): each chunk's action tokens (+ eos) placed right
@@ -427,9 +380,7 @@ def with_action_tokens(vla: "VLA", batch: dict) -> tuple[torch.Tensor, torch.Ten
         labels[i, n[i]:n[i] + acts.shape[1] + 1] = torch.cat([torch.where(valid[i], acts[i], -100), ids.new_tensor([eos])])
     return vla.vlm(input_ids=new_ids, attention_mask=new_att, pixel_values=pixels(vla.vlm, batch["images"])).logits, labels
 
-
-# ----------------------------------------------------------------------------------------
-# Checkpoints
+# --- Checkpoints ------------------------------------------------------------------------------
 def read_config(path: str | Path) -> dict:
     """config.json of a checkpoint folder: format, vla, vlm, provenance (what trained it)."""
     f = Path(path) / "config.json"
@@ -443,7 +394,6 @@ def read_config(path: str | Path) -> dict:
         raise CheckpointError(f"{path} was written by another version of bridgevla (format {meta.get('format')!r}, "
                               f"this code reads {FORMAT!r}); train it again with this code")
     return meta
-
 
 def load(path: str | Path, expect: dict | None = None, **overrides) -> VLA:
     """Rebuild a VLA from a checkpoint folder. `expect` fields must match its config;
@@ -473,28 +423,3 @@ def load(path: str | Path, expect: dict | None = None, **overrides) -> VLA:
         raise CheckpointError(f"{path} does not fit this architecture (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}); it was saved by other code")
     return model.eval()
-
-
-def fake_batch(vla: VLA, batch_size: int = 4, answers: bool = False, seed: int = 0) -> dict:
-    """A batch as data.collate makes it, from random numbers and no simulator (openpi's fake
-    data): images, right-padded prompts of different lengths, and either proprio + action
-    chunks (the last step of row 0 padded) or, with answers=True, a labelled answer per row."""
-    g = torch.Generator().manual_seed(seed)
-    tok = vla.tokenizer
-    letters = torch.tensor(tok("abcdefghijklmnopqrstuvwxyz ", add_special_tokens=False)["input_ids"])
-    rows, labels = [], []
-    for i in range(batch_size):  # prompts of 3, 5, 7, ... letters: every row but the last is padded
-        prompt = [tok.bos_token_id] + vla.image_ids + letters[torch.randint(len(letters), (3 + 2 * i,), generator=g)].tolist()
-        answer = letters[torch.randint(len(letters), (3,), generator=g)].tolist() + [tok.eos_token_id] if answers else []
-        rows, labels = rows + [prompt + answer], labels + [[-100] * len(prompt) + answer]
-    L = max(map(len, rows))
-    batch = dict(input_ids=torch.tensor([r + [tok.pad_token_id] * (L - len(r)) for r in rows]),
-                 attention_mask=torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows]),
-                 labels=torch.tensor([lb + [-100] * (L - len(lb)) for lb in labels]),
-                 images=torch.randint(1, 255, (batch_size, vla.cfg.image_size, vla.cfg.image_size, 3), generator=g, dtype=torch.uint8))
-    if not answers:
-        batch.update(proprio=torch.randn(batch_size, vla.cfg.proprio_dim, generator=g),
-                     actions=torch.randn(batch_size, vla.cfg.chunk, vla.cfg.action_dim, generator=g),
-                     action_mask=torch.ones(batch_size, vla.cfg.chunk, dtype=torch.bool))
-        batch["action_mask"][0, -1] = False
-    return batch

@@ -1,44 +1,26 @@
-"""The training scaffold: what train_etc.py, train_vla.py and distill_sdm.py need around their
-own explicit `for step in range(...)` loops, as plain functions (no Trainer, no callbacks):
+"""What the training loops share: processes, lr, the update, logs, checkpoints, resume, evaluation.
 
-    process set-up (DDP under torchrun)    start, finish, to
-    the run's folder and resume            check_out, save, load_state, interrupted, provenance
-    the learning rate and the update       lr_at, set_lr, check_finite, update
-    "once in a while"                      due, log
-    evaluation during and after training   policy, closed_loop, etc_accuracy
-
-A run is resumable exactly because every batch, and every random draw in it, is a function of
-(seed, step); train_state.pt holds the step and the optimizer state, so nothing else is needed.
+The scripts keep their own explicit `for step in range(...)` loops and call these plain functions
+(no Trainer, no callbacks). A run resumes exactly because every batch, and every random draw in it,
+is a function of (seed, step): train_state.pt holds only the step and the optimizer states.
 """
-import json
-import math
-import os
-import subprocess
-import sys
+import json, math, os, subprocess, sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
+import numpy as np, torch, torch.distributed as dist
 
-import data
-import etc
-import model
-import sim
+import data, etc, model, sim
 
 ROOT = Path(__file__).resolve().parent
 
-
-# ----------------------------------------------------------------------------------------
-# Processes
+# --- Processes --------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Process:
-    rank: int  # this process's index among world_size (0 without torchrun)
+class Process:  # this process among world_size (rank 0 alone, without torchrun)
+    rank: int
     world_size: int
     device: torch.device
     cuda: bool
-
 
 def start(device: str = "auto") -> Process:
     """This process under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or alone; DDP's process group
@@ -52,18 +34,14 @@ def start(device: str = "auto") -> Process:
         dist.init_process_group("nccl" if cuda else "gloo")
     return Process(rank, world_size, dev, cuda)
 
-
 def finish(proc: Process):
     if proc.world_size > 1:
         dist.destroy_process_group()
 
-
 def to(batch: dict | None, device) -> dict | None:
     return None if batch is None else {k: v.to(device) for k, v in batch.items()}
 
-
-# ----------------------------------------------------------------------------------------
-# The run's folder: checkpoints, exact resume, Ctrl-C, provenance
+# --- The run's folder: checkpoints, exact resume, Ctrl-C, provenance --------------------------
 def check_out(out: Path, resume: bool, overwrite: bool, batch: int = 0, world_size: int = 1):
     """Stop before any work when --out, --resume or --batch cannot be honoured."""
     if resume and not (out / "train_state.pt").is_file():
@@ -73,14 +51,12 @@ def check_out(out: Path, resume: bool, overwrite: bool, batch: int = 0, world_si
     if batch % world_size:
         raise data.DataError(f"--batch {batch} must be divisible by the {world_size} processes")
 
-
-def save(vla: model.VLA, out: Path, step: int, cfg, provenance: dict, proc: Process, **states):
+def save(vla: model.VLA, out: Path, cfg, provenance: dict, proc: Process, step: int, **states):
     """The checkpoint folder (rank 0 writes it), with train_state.pt: the step, the config and
     the state_dict() of each object in `states` (optimizers, extra networks)."""
     if proc.rank == 0:
         state = dict(step=step, config=asdict(cfg), **{k: v.state_dict() for k, v in states.items()})
         vla.save(out, state, dict(provenance, steps_done=step))
-
 
 def load_state(out: Path, **states) -> int:
     """Restore each object in `states` from out/train_state.pt; the step to continue from."""
@@ -92,14 +68,11 @@ def load_state(out: Path, **states) -> int:
         raise model.CheckpointError(f"{out}/train_state.pt cannot be resumed from ({err}); start again with --overwrite") from None
     return state["step"]
 
-
 def interrupted(save_at, done: int, out: Path):
-    """Ctrl-C: save the `done` steps whose update is in the weights, then exit 130 (as a shell
-    does); the run continues exactly with --resume."""
+    """Ctrl-C: save the `done` steps whose update is in the weights, exit 130 (as a shell does)."""
     save_at(done)
     print(f"interrupted: saved {done} steps to {out}; continue with --resume", file=sys.stderr)
     raise SystemExit(130)
-
 
 def commit() -> str | None:
     """The code's git commit ('+dirty' with uncommitted changes to tracked files), if known."""
@@ -111,7 +84,6 @@ def commit() -> str | None:
         return None
     return head.stdout.strip() + ("+dirty" if dirty else "") if head.returncode == 0 else None
 
-
 def provenance(script: str, cfg, parent: str | None, action_steps: int, **fields) -> dict:
     """What produced a checkpoint, for config.json: the script and its whole config, the parent
     checkpoint, the code commit, and action_steps: the optimiser steps its action head has been
@@ -119,38 +91,30 @@ def provenance(script: str, cfg, parent: str | None, action_steps: int, **fields
     return dict(script=script, **fields, parent=parent, action_steps=action_steps, seed=cfg.seed,
                 code=commit(), config=asdict(cfg))
 
-
-def action_steps(ckpt: str | Path) -> int | None:
-    """How long a checkpoint's action head was trained (None: not recorded, e.g. saved by hand)."""
+def action_steps(ckpt: str | Path) -> int | None:  # None: not recorded (e.g. saved by hand)
     return model.read_config(ckpt)["provenance"].get("action_steps")
 
-
 def require_trained_head(ckpt: str | Path, fix: str):
-    if action_steps(ckpt) == 0:
-        p = model.read_config(ckpt)["provenance"]
+    p = model.read_config(ckpt)["provenance"]
+    if p.get("action_steps") == 0:
         raise model.CheckpointError(f"{ckpt}'s action expert was never trained (it was written by {p.get('script')}, "
                                     f"stage {p.get('stage')}); {fix}")
 
-
-# ----------------------------------------------------------------------------------------
-# The learning rate and the log
+# --- The learning rate and the log ------------------------------------------------------------
 def lr_at(step: int, peak: float, warmup: int, steps: int, min_ratio: float = 0.1) -> float:
     """Linear warm-up over `warmup` steps, then cosine from peak to peak * min_ratio at `steps`:
     lr = peak * min(1, (step + 1) / warmup) * (1 - (1 - min_ratio) (1 - cos(pi step / steps)) / 2)."""
     x = min(max(step / max(steps, 1), 0.0), 1.0)
     return peak * min(1.0, (step + 1) / max(warmup, 1)) * (1.0 + (min_ratio - 1.0) * (0.5 * (1 - math.cos(math.pi * x))))
 
-
 def set_lr(opt: torch.optim.Optimizer, lr: float):
     for g in opt.param_groups:
         g["lr"] = lr
-
 
 def check_finite(logs: dict, step: int, lr: float, out: Path):
     """A diverged run stops before its update reaches the weights; the last checkpoint stays."""
     if not math.isfinite(float(sum(logs.values()))):
         raise FloatingPointError(f"the loss is {logs} at step {step}; lower --lr (now {lr}). The last checkpoint in {out} is kept.")
-
 
 def update(opt: torch.optim.Optimizer, loss: torch.Tensor, clip: float):
     """One optimiser step on `loss`, the gradient norm of the optimiser's parameters clipped at `clip`."""
@@ -159,24 +123,20 @@ def update(opt: torch.optim.Optimizer, loss: torch.Tensor, clip: float):
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
     opt.step()
 
-
 def due(n: int, every: int) -> bool:
     """'Once in a while': n is a multiple of `every`; every = 0 means never."""
     return every > 0 and n % every == 0
-
 
 def open_log(out: Path, resume: bool, proc: Process):
     """out.log.jsonl beside the checkpoint folder (rank 0), line-buffered so a crash keeps it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     return open(out.with_name(out.name + ".log.jsonl"), "a" if resume else "w", buffering=1) if proc.rank == 0 else None
 
-
 def close_log(f, summary: dict):
     """The run's last line: printed as JSON (for scripts that read it) and logged; closes the log."""
     print(json.dumps(summary))
     log(f, summary, echo=False)
     f.close()
-
 
 def log(f, row: dict, echo: bool = True):
     """One JSON line in the log; the same as `step 50 lm 0.31 lr 0.001 ...` on the terminal."""
@@ -185,9 +145,7 @@ def log(f, row: dict, echo: bool = True):
     if f is not None:
         f.write(json.dumps(row) + "\n")
 
-
-# ----------------------------------------------------------------------------------------
-# Evaluation: closed loop in the simulator, and ETC questions
+# --- Evaluation: closed loop in the simulator, and ETC questions ------------------------------
 def policy(vla: model.VLA, steps: int | None = None):
     """sim.run_policy's policy for a VLA: (image, instruction, raw proprio) -> raw actions (H, 4)
     in [-1, 1], through the normalisation stats the policy was trained with."""
@@ -199,7 +157,6 @@ def policy(vla: model.VLA, steps: int | None = None):
         return np.clip(chunk.float().cpu().numpy() * a["std"] + a["mean"], -1, 1)
     return act
 
-
 def closed_loop(vla: model.VLA, tasks: list[str], episodes: int, variation: sim.Variation, split: str = "train") -> dict:
     """Success per task on evaluation seed 0's fresh layouts (eval.py success's first seed)."""
     vla.eval()
@@ -210,7 +167,6 @@ def closed_loop(vla: model.VLA, tasks: list[str], episodes: int, variation: sim.
         out[task] = float(np.mean(sim.run_policy(policy(vla), task, seeds, text, variation, vla.cfg.image_size)))
     vla.train()
     return out
-
 
 @torch.no_grad()
 def etc_accuracy(vla: model.VLA, items: list[tuple], batch: int = 32, max_new: int = 32) -> dict:

@@ -1,21 +1,15 @@
-"""The robot world: Meta-World v3 through MuJoCo, rendered headless and fast.
+"""The robot world: Meta-World v3, a fast headless renderer, projection, experts, language, scenes.
 
-One `World` wraps one Meta-World task. It gives seeded random layouts, RGB frames from a
-fixed free camera (and optionally the wrist camera), the exact pinhole projection of any
-world point into that camera, the scripted expert, and flat scene recolouring. Language
-lives here too: an instruction template and paraphrases for each of the 50 tasks, with a
-held-out paraphrase per task that is never paired with actions.
-
-Coordinates: world xyz in metres (x right of the robot, y away from it, z up); image
-pixels (u, v) with u to the right, v down, pixel (i, j) covering [i, i+1) x [j, j+1).
+A `World` wraps one Meta-World task: seeded layouts, RGB frames from a free camera (and the
+wrist camera), the exact projection of world points into it, the scripted expert, flat
+recolouring. Each of the 50 tasks has an instruction template, two paraphrases and a held-out
+paraphrase never paired with actions. World xyz in metres (x right of the robot, y away, z up);
+pixels (u, v), u right, v down, pixel (i, j) covering [i, i+1) x [j, j+1).
 """
-import ctypes.util
-import os
-import re
+import ctypes.util, os, re
 from dataclasses import dataclass
 
-# MuJoCo picks its OpenGL backend when it is first imported, so choose before that.
-# EGL is the fast headless default; OSMesa (software) is the fallback; MUJOCO_GL wins.
+# MuJoCo picks its OpenGL backend on import: EGL (fast, headless), else OSMesa; MUJOCO_GL wins.
 if "MUJOCO_GL" not in os.environ:
     if ctypes.util.find_library("EGL"):
         os.environ["MUJOCO_GL"] = "egl"
@@ -23,8 +17,7 @@ if "MUJOCO_GL" not in os.environ:
         os.environ["MUJOCO_GL"] = "osmesa"
         os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
 
-import mujoco  # noqa: E402
-import numpy as np  # noqa: E402
+import mujoco, numpy as np  # noqa: E402
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS  # noqa: E402
 from metaworld.policies import ENV_POLICY_MAP  # noqa: E402
 
@@ -32,8 +25,7 @@ GL_HELP = ("headless OpenGL failed (MUJOCO_GL={gl}). Install the system librarie
            "`apt-get update && apt-get install -y libegl1 libgl1-mesa-dri` (EGL), or "
            "`apt-get install -y libosmesa6` and set MUJOCO_GL=osmesa. Cause: {err}")
 
-# ----------------------------------------------------------------------------------------
-# Language. task -> (object noun, template | paraphrase | paraphrase | held-out paraphrase).
+# --- Language. task -> (object noun, template | paraphrase | paraphrase | held-out paraphrase). ---
 # "{o}" becomes the object noun, with its colour word in front when the colour is varied.
 TEXT = {
     "assembly": ("nut", "put the {o} on the peg | slide the {o} onto the peg | place the {o} over the peg | fit the {o} around the peg"),
@@ -92,7 +84,6 @@ TASKS = sorted(TEXT)
 FREE_GOAL = {"reach", "reach-wall", "push", "push-wall", "push-back", "pick-place",
              "pick-place-wall", "pick-out-of-hole", "coffee-pull", "coffee-push"}
 
-
 def check_task(task: str) -> str:
     """Accept 'push' or 'push-v3'; anything else stops with the list of valid names."""
     name = task.removesuffix("-v3")
@@ -100,19 +91,14 @@ def check_task(task: str) -> str:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
     return name
 
-
 def instructions(task: str, color: str | None = None, split: str = "train") -> list[str]:
-    """Instruction texts: 'train' (template + 2 paraphrases), 'heldout' (1) or 'all'.
-
-    The held-out paraphrase is never paired with action labels; it tests language OOD."""
+    """Instruction texts: 'train' (template + 2 paraphrases), 'heldout' (1, never with actions) or 'all'."""
     noun, texts = TEXT[check_task(task)]
     obj = f"{color} {noun}" if color else noun
     out = [t.strip().format(o=obj) for t in texts.split("|")]
     return {"train": out[:3], "heldout": out[3:], "all": out}[split]
 
-
-# ----------------------------------------------------------------------------------------
-# Scene variation: flat colours and camera jitter.
+# --- Scene variation: flat colours and camera jitter. -----------------------------------------
 PALETTE = {
     "red": (0.85, 0.1, 0.1), "green": (0.1, 0.7, 0.2), "blue": (0.1, 0.3, 0.9),
     "yellow": (0.95, 0.85, 0.1), "orange": (1.0, 0.5, 0.0), "purple": (0.55, 0.2, 0.75),
@@ -122,13 +108,10 @@ PALETTE = {
 MARKER_RGBA = (0.1, 1.0, 0.1, 1.0)  # the goal marker: bright green, enlarged from
 MARKER_RADIUS = 0.035  # Meta-World's 2 cm site so that it is ~5 px wide at 64 px
 
-
 def parse_color(text: str) -> tuple[str, tuple[float, float, float]]:
-    """'blue', 'r,g,b' (0-255 or 0-1) or 'name=r,g,b' -> (colour word, rgb in [0, 1]).
-
-    'name=r,g,b' brings a new colour word (e.g. 'teal=0,0.5,0.5'): the name goes verbatim into
-    instructions and ETC answers, the RGB into the render. A bare RGB colour is named after the
-    nearest palette entry, so instructions and ETC answers always carry a word."""
+    """'blue', 'r,g,b' (0-255 or 0-1) or 'name=r,g,b' -> (colour word, rgb in [0, 1]). A new word
+    (e.g. 'teal=0,0.5,0.5') goes verbatim into instructions and ETC answers, its RGB into the
+    render; a bare RGB is named after the nearest palette entry."""
     if text in PALETTE:
         return text, PALETTE[text]
     name, eq, values = text.rpartition("=")
@@ -143,7 +126,6 @@ def parse_color(text: str) -> tuple[str, tuple[float, float, float]]:
     name = name or min(PALETTE, key=lambda k: np.sum((np.array(PALETTE[k]) - rgb) ** 2))
     return name, tuple(float(x) for x in rgb)
 
-
 @dataclass(frozen=True)
 class Variation:
     """A scene condition. None keeps Meta-World's own look."""
@@ -154,7 +136,6 @@ class Variation:
     def color_word(self) -> str | None:
         return parse_color(self.object_color)[0] if self.object_color else None
 
-
 @dataclass(frozen=True)
 class Camera:
     """A MuJoCo free camera; the defaults frame the whole workspace at 64 px."""
@@ -164,7 +145,6 @@ class Camera:
     elevation: float = -30.0  # degrees, negative looks down
     fovy: float = 45.0  # vertical field of view in degrees (Meta-World's model default)
 
-
 def camera_pose(cam: Camera) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(position, forward, up) of a free camera, as MuJoCo's mjv_updateCamera builds them."""
     az, el = np.deg2rad(cam.azimuth), np.deg2rad(cam.elevation)
@@ -172,10 +152,8 @@ def camera_pose(cam: Camera) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     up = np.array([-np.sin(el) * np.cos(az), -np.sin(el) * np.sin(az), np.cos(el)])
     return np.asarray(cam.lookat) - cam.distance * forward, forward, up
 
-
 def project(xyz: np.ndarray, cam: Camera, width: int, height: int) -> np.ndarray:
-    """World points (..., 3) -> continuous pixel coordinates (..., 2), pinhole model.
-
+    """World points (..., 3) -> continuous pixel coordinates (..., 2), pinhole model:
     depth = (p - c).f,  u = W/2 + f_px (p - c).r / depth,  v = H/2 - f_px (p - c).up / depth,
     with r = f x up and f_px = (H/2) / tan(fovy/2) (OpenGL's symmetric frustum)."""
     pos, fwd, up = camera_pose(cam)
@@ -187,7 +165,6 @@ def project(xyz: np.ndarray, cam: Camera, width: int, height: int) -> np.ndarray
     v = 0.5 * height - f_px * (d @ up) / depth
     return np.stack([u, v], axis=-1)
 
-
 def jitter_camera(cam: Camera, degrees: float, rng: np.random.Generator) -> Camera:
     """A nearby view: azimuth +-deg, elevation +-deg/2, look-at +-5 mm per degree."""
     if degrees <= 0:
@@ -197,11 +174,8 @@ def jitter_camera(cam: Camera, degrees: float, rng: np.random.Generator) -> Came
     return Camera(tuple(np.asarray(cam.lookat) + shift), cam.distance,
                   cam.azimuth + da, cam.elevation + de, cam.fovy)
 
-
-# ----------------------------------------------------------------------------------------
 class World:
     """One Meta-World v3 task with a fast renderer. Not thread-safe; one per process."""
-
     def __init__(self, task: str, image_size: int = 64, variation: Variation = Variation(),
                  camera: Camera = Camera(), wrist: bool = False):
         self.task, self.size, self.variation, self.base_camera = check_task(task), image_size, variation, camera
@@ -238,14 +212,11 @@ class World:
 
     def _subtree(self, root: int) -> list[int]:
         """Body `root` and all bodies below it."""
-        m, out = self.model, []
-        for b in range(m.nbody):
-            a = b
-            while a > 0 and a != root:
-                a = m.body_parentid[a]
-            if a == root:
-                out.append(b)
-        return out
+        def ancestor(b):  # b's first ancestor that is root or the world
+            while b > 0 and b != root:
+                b = self.model.body_parentid[b]
+            return b
+        return [b for b in range(self.model.nbody) if ancestor(b) == root]
 
     def _visible_geoms(self, root: int) -> np.ndarray:
         """Visible geoms (groups 0-2, not transparent) of body `root` and its children."""
@@ -300,8 +271,7 @@ class World:
         return float(self.obs[3])  # finger distance / 0.1 m: 1 open, ~0 closed
 
     def contact(self) -> int:
-        """Gripper-object contact, exact from MuJoCo: 0 none, 1 touching, 2 grasped (both
-        finger pads on the main object)."""
+        """Gripper-object contact from MuJoCo: 0 none, 1 touching, 2 both finger pads on it."""
         m, touched = self.model, set()
         for a, b in zip(self.data.contact.geom1, self.data.contact.geom2):
             a, b = m.geom_bodyid[a], m.geom_bodyid[b]
@@ -361,14 +331,11 @@ class World:
         self.renderer.close()
         self.env.close()
 
-
 def run_policy(policy, task: str, seeds: list[int], instruction: str, variation: Variation = Variation(),
                image_size: int = 64, max_steps: int = 200, execute: int = 8, frames: list | None = None) -> list[bool]:
     """Closed-loop episodes, one per layout seed; success = Meta-World's success at any step.
-
-    policy(image (H, W, 3) uint8, instruction, proprio (4,)) -> actions (K, 4) in [-1, 1];
-    the first `execute` of each chunk are run before asking again (receding horizon).
-    frames: if a list, each episode's images (one per step) are appended to it, for GIFs."""
+    policy(image (H, W, 3) uint8, instruction, proprio (4,)) -> actions (K, 4) in [-1, 1], the
+    first `execute` of each run before asking again; frames: a list gets each episode's images."""
     world, results = World(task, image_size, variation), []
     try:
         for seed in seeds:

@@ -1,24 +1,20 @@
-"""Stage 1 of ETC bridging, Distribution Bridging: the VLM learns the robot's scenes through
-ETC question answering only (next-token loss on the answers), before it ever sees an action.
+"""Stage 1 of ETC bridging, Distribution Bridging: ETC question answering only, no actions.
 
     python train_etc.py                              # data/source ETC -> out/stage1
     python train_etc.py --freeze-vision              # the paper's ablation (it hurt there)
     torchrun --nproc_per_node=2 train_etc.py         # PyTorch DDP
 
-The whole model is trained, vision tower included, unless --freeze-vision. The action
-expert exists in the checkpoint but is untouched here; stage 2 starts a fresh one.
+The whole VLM learns the robot's scenes (next-token loss on the answers), vision tower included
+unless --freeze-vision; the action expert is saved untouched (stage 2 starts a fresh one).
 """
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-import data
-import etc
-import model
-import scaffold
-
+import data, etc, model, scaffold
 
 @dataclass
 class Config:
@@ -43,20 +39,16 @@ class Config:
     overwrite: bool = False  # replace an existing --out
     device: str = "auto"  # auto | cpu | cuda
 
-
 def main(cfg: Config):
-    proc = scaffold.start(cfg.device)
-    out = Path(cfg.out)
+    proc, out = scaffold.start(cfg.device), Path(cfg.out)
     scaffold.check_out(out, cfg.resume, cfg.overwrite, cfg.batch, proc.world_size)
     sizes = {data.Dataset(p).meta["image_size"] for p in cfg.etc_data}
     if len(sizes) > 1:
         raise data.DataError(f"the ETC datasets mix image sizes {sorted(sizes)}; collect them at one --image-size")
     torch.manual_seed(cfg.seed)
-    if cfg.resume:
-        vla = model.load(out).train()
-    else:
-        vla = model.VLA(model.VLAConfig(vlm=cfg.vlm, image_size=sizes.pop(), freeze_vision=cfg.freeze_vision),
-                        stats=data.Dataset(cfg.etc_data[0]).meta["stats"], corpus=etc.corpus())
+    vla = model.load(out).train() if cfg.resume else model.VLA(
+        model.VLAConfig(vlm=cfg.vlm, image_size=sizes.pop(), freeze_vision=cfg.freeze_vision),
+        stats=data.Dataset(cfg.etc_data[0]).meta["stats"], corpus=etc.corpus())
     vla.to(proc.device)
     train, held = etc.load(cfg.etc_data, cfg.levels, cfg.holdout)
     probe = [item for h in held for item in h[::7][:300]]  # a fixed spread of held-out records
@@ -70,8 +62,7 @@ def main(cfg: Config):
     prov = scaffold.provenance("train_etc.py", cfg, None, 0, stage=1, datasets=dict(etc=list(cfg.etc_data)),
                                etc_mix=dict(levels=list(cfg.levels), fraction=1.0))
 
-    def save(step: int):
-        scaffold.save(vla, out, step, cfg, prov, proc, optimizer=opt)
+    save = partial(scaffold.save, vla, out, cfg, prov, proc, optimizer=opt)  # save(step)
 
     done, t0 = start, time.perf_counter()
     try:
@@ -96,10 +87,8 @@ def main(cfg: Config):
         scaffold.interrupted(save, done, out)
     save(cfg.steps)
     if proc.rank == 0:
-        summary = dict(stage=1, steps=cfg.steps, etc=scaffold.etc_accuracy(vla, probe))
-        scaffold.close_log(log, summary)
+        scaffold.close_log(log, dict(stage=1, steps=cfg.steps, etc=scaffold.etc_accuracy(vla, probe)))
     scaffold.finish(proc)
-
 
 if __name__ == "__main__":
     data.cli(main, Config)

@@ -1,27 +1,22 @@
-"""Stages 2 and 3 of ETC bridging: Objective Bridging and Retentive Adaptation.
+"""Stages 2 and 3 of ETC bridging, Objective Bridging and Retentive Adaptation, and the baselines.
 
     python train_vla.py --stage 2          # from out/stage1: actions co-trained with ETC
     python train_vla.py --stage 3          # from out/stage2: few target demos + target/OOD ETC
     torchrun --nproc_per_node=2 train_vla.py --stage 2     # the same, with PyTorch DDP
 
-Baselines are flags on the same loop: --init base (direct fine-tuning of the VLM, no
-stage 1), --etc-start 0 --etc-end 0 (action only), --levels scene (a subset of ETC levels),
---head tokens, --freeze-vision, --insulate. Every loss is a sum over the global batch divided
-by its global count, so N processes give the same loss and gradients as one.
+Baselines are flags: --init base (no stage 1), --etc-start 0 --etc-end 0 (action only), --levels
+scene, --head tokens, --freeze-vision, --insulate. Losses are global sums over global counts, so
+N processes give the same loss and gradients as one.
 """
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import torch
+import numpy as np, torch
 
-import data
-import etc
-import model
-import scaffold
-import sim
+import data, etc, model, scaffold, sim
 
 # Stage defaults; any of them can be overridden on the command line.
 STAGES = {
@@ -30,7 +25,6 @@ STAGES = {
     3: dict(action_data="data/target", etc_data=("data/target", "data/ood"), init="out/stage2", out="out/stage3",
             steps=800, lr=1e-4, etc_start=0.3, etc_end=0.3, expert_warmup=0),
 }
-
 
 @dataclass
 class Config:
@@ -68,14 +62,12 @@ class Config:
     overwrite: bool = False  # replace an existing --out
     device: str = "auto"  # auto | cpu | cuda
 
-
 def resolve(cfg: Config) -> Config:
     """Fill what the command line left unset from the stage's defaults."""
     for k, v in STAGES[cfg.stage].items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
     return cfg
-
 
 def build(cfg: Config, ds: data.Dataset) -> model.VLA:
     """The starting model: the base VLM, a stage-1 VLM with a fresh head, or a stage-2 VLA."""
@@ -95,21 +87,19 @@ def build(cfg: Config, ds: data.Dataset) -> model.VLA:
     if init.cfg.image_size != ds.meta["image_size"]:
         raise model.CheckpointError(f"{cfg.init} was trained on {init.cfg.image_size} px images, {cfg.action_data} has "
                                     f"{ds.meta['image_size']} px; collect with --image-size {init.cfg.image_size}")
-    if cfg.stage == 3:  # the whole policy carries on; its head must be the one asked for
-        if init.cfg.head != cfg.head or init.cfg.chunk != cfg.chunk:
-            raise model.CheckpointError(f"{cfg.init} has head={init.cfg.head}, chunk={init.cfg.chunk}; "
-                                        f"pass --head {init.cfg.head} --chunk {init.cfg.chunk}")
+    if cfg.stage == 3 and (init.cfg.head != cfg.head or init.cfg.chunk != cfg.chunk):
+        raise model.CheckpointError(f"{cfg.init} has head={init.cfg.head}, chunk={init.cfg.chunk}; "
+                                    f"pass --head {init.cfg.head} --chunk {init.cfg.chunk}")
+    if cfg.stage == 3:
         return init.train()
     # stage 2 from stage 1: keep the bridged VLM, start a fresh action head on it
     vla = model.VLA(model.VLAConfig(**{**asdict(init.cfg), **options}), init.tokenizer, stats, init.vlm.config.to_dict())
     vla.vlm.load_state_dict(init.vlm.state_dict())
     return vla
 
-
 def main(cfg: Config):
     cfg = resolve(cfg)
-    proc = scaffold.start(cfg.device)
-    out = Path(cfg.out)
+    proc, out = scaffold.start(cfg.device), Path(cfg.out)
     scaffold.check_out(out, cfg.resume, cfg.overwrite, cfg.batch, proc.world_size)
     ds = data.Dataset(cfg.action_data)
     vla = model.load(out, expect=dict(head=cfg.head, chunk=cfg.chunk)).train() if cfg.resume else build(cfg, ds)
@@ -131,8 +121,7 @@ def main(cfg: Config):
                                datasets=dict(actions=cfg.action_data, etc=list(cfg.etc_data)),
                                etc_mix=dict(levels=list(cfg.levels), start=cfg.etc_start, end=cfg.etc_end))
 
-    def save(step: int):
-        scaffold.save(vla, out, step, cfg, prov, proc, optimizer=opt)
+    save = partial(scaffold.save, vla, out, cfg, prov, proc, optimizer=opt)  # save(step)
 
     done, t0, seen = start, time.perf_counter(), []
     try:
@@ -169,7 +158,6 @@ def main(cfg: Config):
                 summary["success_ood"] = scaffold.closed_loop(vla, ds.tasks, cfg.eval_episodes, ood, "heldout")
         scaffold.close_log(log, summary)
     scaffold.finish(proc)
-
 
 if __name__ == "__main__":
     data.cli(main, Config)

@@ -5,6 +5,7 @@ import torch.nn as nn
 
 import data
 import distill_sdm as sdm
+import fakes
 import model
 import scaffold
 
@@ -128,7 +129,7 @@ def test_distillation_writes_a_one_step_checkpoint(method, options, dataset_path
     moved = [n for (n, a), b in zip(teacher.expert.state_dict().items(), student.expert.state_dict().values())
              if not torch.equal(a, b)]
     assert moved and all(torch.equal(a, b) for a, b in zip(teacher.vlm.parameters(), student.vlm.parameters()))
-    batch, z = model.fake_batch(student, 2), torch.randn(2, 8, 4)
+    batch, z = fakes.fake_batch(student, 2), torch.randn(2, 8, 4)
     with torch.no_grad():  # the default one step is the generator's single pass D_G(z, 1)
         torch.testing.assert_close(student.sample(batch, noise=z), student.denoise(z, torch.ones(2), student.prefix(batch)))
     assert model.read_config(tmp_path / method)["provenance"]["parent"] == str(tmp_path / "teacher")

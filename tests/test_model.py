@@ -1,6 +1,6 @@
 """The VLA: shapes, learning, the flow-matching math, the KV cache, action tokens, checkpoints.
 
-Every batch here is model.fake_batch's: these tests need neither the simulator nor a dataset."""
+Every batch here is fakes.fake_batch's: these tests need neither the simulator nor a dataset."""
 import dataclasses
 import subprocess
 import sys
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bench
+import fakes
 import model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def test_import_model_loads_neither_the_simulator_nor_the_data_code():
 
 
 def test_shapes_and_loss_terms(vla):
-    act, etc = model.fake_batch(vla, 6), model.fake_batch(vla, 3, answers=True)
+    act, etc = fakes.fake_batch(vla, 6), fakes.fake_batch(vla, 3, answers=True)
     out = vla.loss(act)
     assert out["loss"].ndim == 0 and set(out) == {"loss", "flow"} and torch.isfinite(out["loss"])
     assert set(vla.loss(etc)) == {"loss", "lm"}
@@ -46,7 +47,7 @@ def overfit(cfg: model.VLAConfig, answers: bool, steps: int, key: str) -> tuple[
     """Train a fresh model on one fake batch, fixed noise and times; first and best late loss."""
     torch.manual_seed(0)
     m = model.VLA(cfg)
-    batch = model.fake_batch(m, 6, answers=answers)
+    batch = fakes.fake_batch(m, 6, answers=answers)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     losses = []
     for _ in range(steps):
@@ -74,7 +75,7 @@ def test_euler_is_exact_for_a_constant_velocity():
 
 def test_denoiser_and_schedule_follow_the_time_convention(vla):
     """x0_hat = x_t - t v and score = -(x_t - alpha x0_hat) / sigma^2 = -eps_hat / sigma."""
-    act = model.fake_batch(vla, 6)
+    act = fakes.fake_batch(vla, 6)
     vla.eval()
     with torch.no_grad():
         prefix = vla.prefix(act)
@@ -90,7 +91,7 @@ def test_denoiser_and_schedule_follow_the_time_convention(vla):
 
 
 def test_cached_prefix_sampling_equals_recomputing_the_prefix(vla):
-    act = model.fake_batch(vla, 6)
+    act = fakes.fake_batch(vla, 6)
     vla.eval()
     x1 = torch.randn(6, 8, 4)
     with torch.no_grad():
@@ -101,7 +102,7 @@ def test_cached_prefix_sampling_equals_recomputing_the_prefix(vla):
 
 def test_padding_does_not_change_the_prefix(vla):
     """Row 0 alone and right-padded in a batch with a longer prompt gives the same chunk."""
-    act = model.fake_batch(vla, 2)
+    act = fakes.fake_batch(vla, 2)
     n = int(act["attention_mask"][0].sum())
     assert n < act["input_ids"].shape[1]  # row 0 is padded
     alone = {k: v[:1, :n] if k in ("input_ids", "attention_mask") else v[:1] for k, v in act.items()}
@@ -120,7 +121,7 @@ def test_action_tokens_round_trip_within_half_a_bin(vla):
 
 
 def test_save_load_round_trip_is_identical_and_keeps_the_provenance(vla, tmp_path):
-    act = model.fake_batch(vla, 6)
+    act = fakes.fake_batch(vla, 6)
     vla.eval()
     vla.save(tmp_path / "ck", provenance=dict(script="test", action_steps=3))
     back = model.load(tmp_path / "ck")
@@ -152,7 +153,7 @@ def test_mismatched_or_missing_checkpoints_fail_clearly(vla, tmp_path):
 def test_options_freeze_vision_and_insulate():
     torch.manual_seed(0)
     m = model.VLA(model.VLAConfig(freeze_vision=True, insulate=True, feed_layers=(1, 3)))
-    act = model.fake_batch(m, 4)
+    act = fakes.fake_batch(m, 4)
     assert not any(p.requires_grad for p in m.vlm.model.vision_model.parameters())
     m.loss(act)["loss"].backward()
     assert all(p.grad is None for p in m.vlm.parameters())  # insulated: no action gradient in the VLM
@@ -201,7 +202,7 @@ def test_a_pretrained_checkpoint_folder_loads_through_the_same_code(tmp_path):
         if "embed_tokens" not in name and "lm_head" not in name:
             assert torch.equal(p, dict(m.vlm.named_parameters())[name]), name
     assert m.vlm.get_input_embeddings().weight.shape[0] == len(m.tokenizer)
-    b = model.fake_batch(m, 2)
+    b = fakes.fake_batch(m, 2)
     assert torch.isfinite(m.loss(b)["loss"])
     assert m.eval().sample(b, 2).shape == (2, 8, 4)
 
@@ -209,7 +210,7 @@ def test_a_pretrained_checkpoint_folder_loads_through_the_same_code(tmp_path):
 def test_cached_padded_greedy_decoding_equals_a_plain_forward(vla):
     """Each token greedy() picks (KV cache, right-padded batch) is the argmax of a plain
     forward pass over that row's unpadded prompt plus the tokens before it."""
-    b = model.fake_batch(vla, 2)
+    b = fakes.fake_batch(vla, 2)
     vla.eval()
     new = model.greedy(vla.vlm, b, 5, -1, vla.tokenizer.pad_token_id)  # eos -1: never stops early
     assert int(b["attention_mask"][0].sum()) < b["input_ids"].shape[1]  # row 0 is padded
