@@ -91,11 +91,12 @@ def check_task(task: str) -> str:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
     return name
 
-def instructions(task: str, color: str | None = None, split: str = "train") -> list[str]:
-    """Instruction texts: 'train' (template + 2 paraphrases), 'heldout' (1, never with actions) or 'all'."""
-    noun, texts = TEXT[check_task(task)]
+def instructions(task: str, color: str | None = None, split: str = "train", marker: str | None = None) -> list[str]:
+    """Instruction texts: 'train' (template + 2 paraphrases), 'heldout' (1, never with actions) or
+    'all'; with a marker colour word, a grounded task's texts name the goal marker by it."""
+    noun, texts = MARKER_TEXT[task] if marker and task in MARKER_TEXT else TEXT[check_task(task)]
     obj = f"{color} {noun}" if color else noun
-    out = [t.strip().format(o=obj) for t in texts.split("|")]
+    out = [t.strip().format(o=obj, m=marker) for t in texts.split("|")]
     return {"train": out[:3], "heldout": out[3:], "all": out}[split]
 
 # --- Scene variation: flat colours and camera jitter. -----------------------------------------
@@ -107,6 +108,14 @@ PALETTE = {
 }
 MARKER_RGBA = (0.1, 1.0, 0.1, 1.0)  # the goal marker: bright green, enlarged from
 MARKER_RADIUS = 0.035  # Meta-World's 2 cm site so that it is ~5 px wide at 64 px
+# The grounded tasks: K coloured markers, one the goal, named only by its colour ("{m}").
+MARKER_TEXT = {
+    "reach": ("puck", "reach the {m} marker | move the gripper to the {m} marker | touch the {m} marker | put your hand on the {m} dot"),
+    "push": ("puck", "push the {o} to the {m} marker | slide the {o} to the {m} marker | move the {o} onto the {m} marker | nudge the {o} over to the {m} dot"),
+}
+# Where the markers go (x, y; z from the task's goal range), and how far apart: more than twice
+# Meta-World's 5 cm success radius, so which marker was reached is never in doubt.
+MARKER_REGION, MARKER_GAP = ((-0.18, 0.78), (0.18, 0.92)), 0.12
 
 def parse_color(text: str) -> tuple[str, tuple[float, float, float]]:
     """'blue', 'r,g,b' (0-255 or 0-1) or 'name=r,g,b' -> (colour word, rgb in [0, 1]). A new word
@@ -132,6 +141,12 @@ class Variation:
     object_color: str | None = None  # main object's colour: a palette name, "r,g,b" or "name=r,g,b"
     table_color: str | None = None  # table top colour, same forms
     camera_jitter: float = 0.0  # per-episode random camera offset, in degrees of azimuth
+    markers: int = 0  # K coloured goal markers on the grounded tasks (MARKER_TEXT); 0 = one green goal
+    marker_colors: tuple[str, ...] = ("green", "blue", "yellow", "purple", "cyan", "orange")  # K drawn per episode
+    ambiguous: bool = False  # two markers share the named colour; the expert picks one at random
+
+    def __post_init__(self):  # from meta.json the colours come back as a list
+        object.__setattr__(self, "marker_colors", tuple(self.marker_colors))
 
     def color_word(self) -> str | None:
         return parse_color(self.object_color)[0] if self.object_color else None
@@ -183,6 +198,9 @@ class World:
         env = ALL_V3_ENVIRONMENTS[f"{self.task}-v3"]()
         # Goal-observable, and a fresh layout drawn from env.np_random at every reset.
         env._partially_observable = False
+        if variation.markers and self.task in MARKER_TEXT:  # the observation clips the goal to this box
+            (x0, y0), (x1, y1), g = *MARKER_REGION, env.goal_space
+            env.goal_space = type(g)(np.minimum(g.low, (x0, y0, g.low[2])), np.maximum(g.high, (x1, y1, g.high[2])))
         del env.sawyer_observation_space
         env._set_task_called, env._freeze_rand_vec, env.seeded_rand_vec = True, False, True
         self.env, self.model, self.data = env, env.model, env.data
@@ -252,7 +270,35 @@ class World:
         self.obs, self.steps = obs, 0
         rng = np.random.default_rng([seed, 7])
         self.camera = jitter_camera(self.base_camera, self.variation.camera_jitter, rng)
-        return obs
+        self.markers, self.marker_words, self.marker_rgb, self.goal_marker = np.zeros((0, 3)), (), (), -1
+        if self.variation.markers and self.task in MARKER_TEXT:
+            self._place_markers(np.random.default_rng([seed, 11]))
+        return self.obs
+
+    def _place_markers(self, rng: np.random.Generator):
+        """K markers at least MARKER_GAP apart with distinct colours (two alike when ambiguous);
+        the goal is the first (or, ambiguous, one of the first two, 50/50); the env's target and
+        the expert's observation move to it."""
+        var, (low, high), k = self.variation, MARKER_REGION, self.variation.markers
+        z_low, z_high = self.env.goal_space.low[2], self.env.goal_space.high[2]
+        if not 1 <= k <= len(var.marker_colors) or (var.ambiguous and k < 2):
+            raise ValueError(f"--variation.markers {k} needs 1..{len(var.marker_colors)} marker colours (2+ if ambiguous)")
+        for _ in range(1000):
+            xy = rng.uniform(low, high, (k, 2))
+            if k == 1 or min(np.linalg.norm(a - b) for i, a in enumerate(xy) for b in xy[i + 1:]) >= MARKER_GAP:
+                break
+        else:
+            raise ValueError(f"{k} markers do not fit {MARKER_GAP} m apart in {MARKER_REGION}; use fewer")
+        z = rng.uniform(z_low, z_high, k) if self.task == "reach" else np.full(k, self.objects()[0, 2])
+        pick = list(rng.choice(len(var.marker_colors), k, replace=False))
+        if var.ambiguous:
+            pick[1] = pick[0]
+        self.markers = np.column_stack([xy, z])
+        self.marker_words, self.marker_rgb = zip(*(parse_color(var.marker_colors[i]) for i in pick))
+        self.goal_marker = int(rng.integers(2)) if var.ambiguous else 0
+        self.env._target_pos = self.markers[self.goal_marker].copy()
+        self.model.site("goal").pos = self.env._target_pos
+        self.obs[-3:] = self.env._target_pos  # the goal-observable expert reads it here
 
     def step(self, action: np.ndarray) -> bool:
         """Apply one action in [-1, 1]^4 (dx, dy, dz, grip); returns Meta-World's success."""
@@ -309,8 +355,10 @@ class World:
         cam, fc = self.camera, self.free_cam
         fc.lookat[:], fc.distance, fc.azimuth, fc.elevation = cam.lookat, cam.distance, cam.azimuth, cam.elevation
         self.renderer.update_scene(self.data, fc, self.option)
-        if self.task in FREE_GOAL:
-            self._draw_marker(self.renderer.scene, self.goal())
+        for xyz, rgb in zip(self.markers, self.marker_rgb):
+            self._draw_marker(self.renderer.scene, xyz, (*rgb, 1.0))
+        if self.task in FREE_GOAL and not len(self.markers):
+            self._draw_marker(self.renderer.scene, self.goal(), MARKER_RGBA)
         image = self.renderer.render()
         if not self.wrist:
             return image
@@ -318,13 +366,13 @@ class World:
         return image, self.renderer.render()
 
     @staticmethod
-    def _draw_marker(scene: mujoco.MjvScene, xyz: np.ndarray):
+    def _draw_marker(scene: mujoco.MjvScene, xyz: np.ndarray, rgba: tuple):
         """Append a sphere to the scene: visible in the image, invisible to the physics."""
         if scene.ngeom >= scene.maxgeom:
             return
         mujoco.mjv_initGeom(scene.geoms[scene.ngeom], mujoco.mjtGeom.mjGEOM_SPHERE,
                             np.array([MARKER_RADIUS, 0, 0]), xyz, np.eye(3).ravel(),
-                            np.array(MARKER_RGBA, dtype=np.float32))
+                            np.array(rgba, dtype=np.float32))
         scene.ngeom += 1
 
     def close(self):

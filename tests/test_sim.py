@@ -144,3 +144,60 @@ def test_bad_task_and_colour_name_the_fix():
     for bad in ("blurple", "Teal=0,0,0", "teal=0,0", "=1,2,3"):
         with pytest.raises(ValueError, match="or a new word with its colour, 'name=r,g,b'"):
             sim.parse_color(bad)
+
+
+# --- Coloured goal markers: the instruction names the goal only by its colour ----------------
+def run_expert(w: sim.World, seed: int, max_steps: int = 300) -> tuple[bool, int]:
+    """One scripted episode: (success, index of the marker the hand (reach) or puck (push) ended nearest)."""
+    w.seed(seed)
+    ok = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        while w.steps < max_steps and not ok:
+            ok = w.step(w.expert_action()) or ok
+    end, dims = (w.hand(), 3) if w.task == "reach" else (w.objects()[0], 2)
+    return ok, int(np.argmin(np.linalg.norm(w.markers[:, :dims] - end[:dims], axis=1)))
+
+
+@pytest.mark.parametrize("task", ["reach", "push"])
+def test_expert_goes_to_the_named_marker(task):
+    w = sim.World(task, variation=sim.Variation(markers=3))
+    try:
+        runs = [run_expert(w, 100 + s) for s in range(20)]
+        assert np.mean([ok for ok, _ in runs]) >= 0.95
+        assert all(nearest == w.goal_marker == 0 for ok, nearest in runs if ok)
+    finally:
+        w.close()
+
+
+def test_markers_are_apart_distinct_and_named_in_the_instruction():
+    w = sim.World("push", variation=sim.Variation(markers=3, marker_colors=("blue", "teal=0,0.5,0.5", "orange")))
+    try:
+        for s in range(10):
+            w.seed(s)
+            gaps = [np.linalg.norm(a[:2] - b[:2]) for i, a in enumerate(w.markers) for b in w.markers[i + 1:]]
+            assert min(gaps) >= sim.MARKER_GAP and len(set(w.marker_words)) == 3
+            assert np.allclose(w.goal(), w.markers[w.goal_marker]) and np.allclose(w.obs[-3:], w.goal())
+            word = w.marker_words[w.goal_marker]
+            assert all(f"{word} " in t for t in sim.instructions("push", None, "all", marker=word))
+            if "teal" in w.marker_words:  # a new word: its RGB in the render, where the marker projects
+                i = w.marker_words.index("teal")
+                u, v = w.project(w.markers[i]).astype(int)
+                r, g, b = w.render()[v, u].astype(int)
+                assert g > r + 80 and b > r + 80 and abs(g - b) < 40, (r, g, b)  # teal's hue, lit
+    finally:
+        w.close()
+
+
+def test_ambiguous_goal_is_a_coin_flip_between_two_alike_markers():
+    w = sim.World("reach", variation=sim.Variation(markers=3, ambiguous=True))
+    try:
+        runs, picks = [], []
+        for s in range(40):
+            runs.append(run_expert(w, 200 + s))
+            picks.append(w.goal_marker)
+            assert w.marker_words[0] == w.marker_words[1] != w.marker_words[2]
+        assert 0.3 <= np.mean(picks) <= 0.7, np.mean(picks)
+        assert all(ok and nearest == pick for (ok, nearest), pick in zip(runs, picks))
+    finally:
+        w.close()
