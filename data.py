@@ -16,9 +16,10 @@ from tqdm import tqdm
 
 import sim
 
-FORMAT_VERSION = 1
-ARRAYS = ("images", "proprio", "episode", "step", "hand", "objects", "goal", "hand_px",
-          "objects_px", "goal_px", "objects_box", "hand_box", "success", "contact", "grip", "camera")
+FORMAT_VERSION = 2  # 2: the coloured markers
+ARRAYS = ("images", "proprio", "episode", "step", "hand", "objects", "goal", "hand_px", "objects_px", "goal_px",
+          "objects_box", "hand_box", "success", "contact", "grip", "camera", "markers", "markers_px", "marker_color",
+          "goal_marker")
 
 class DataError(ValueError):
     """Bad input the user can fix; the CLIs print it as one line and exit non-zero."""
@@ -63,6 +64,7 @@ def run_episode(job: tuple) -> dict | None:
         _WORLDS[key] = sim.World(task, size, variation, wrist=wrist)
     w = _WORLDS[key]
     w.seed(seed)
+    colors = variation.all_marker_colors()
     rows, success, left = [], False, post_success
     with warnings.catch_warnings():  # the experts warn about their own gains
         warnings.simplefilter("ignore")
@@ -72,7 +74,9 @@ def run_episode(job: tuple) -> dict | None:
                 images=w.render(), proprio=w.proprio(), hand=w.hand(), objects=objs, goal=w.goal(),
                 hand_px=w.project(w.hand()), objects_px=w.project(objs), goal_px=w.project(w.goal()),
                 objects_box=np.stack([w.box(g) for g in w.object_geoms]), hand_box=w.box(w.hand_geoms),
-                success=success, contact=w.contact(), camera=np.array([*c.lookat, c.distance, c.azimuth, c.elevation, c.fovy])))
+                success=success, contact=w.contact(), camera=np.array([*c.lookat, c.distance, c.azimuth, c.elevation, c.fovy]),
+                markers=w.markers, markers_px=w.project(w.markers), goal_marker=w.goal_marker,  # (K, 3), (K, 2), ()
+                marker_color=np.array([colors.index(m) for m in w.marker_colors], dtype=int)))  # (K,) into meta's list
             rows[-1]["actions"] = action = w.expert_action()
             left -= success  # count the frames shown after the first success
             success = w.step(action) or success
@@ -113,8 +117,8 @@ def collect(cfg: Collect) -> Path:
     """Collect, then write the dataset atomically: a temporary folder renamed into place."""
     tasks = [sim.check_task(t) for t in cfg.tasks]
     color = cfg.variation.color_word()  # validates the colours before any work
-    if cfg.variation.table_color:
-        sim.parse_color(cfg.variation.table_color)
+    for c in filter(None, [cfg.variation.table_color, *cfg.variation.all_marker_colors()]):
+        sim.parse_color(c)
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise DataError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
@@ -122,6 +126,7 @@ def collect(cfg: Collect) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     meta = dict(format_version=FORMAT_VERSION, tasks={}, image_size=cfg.image_size,
                 has_actions=cfg.actions, variation=asdict(cfg.variation), color=color,
+                marker_colors=cfg.variation.all_marker_colors() if cfg.variation.markers else [],
                 camera=asdict(sim.Camera()), wrist=cfg.wrist, seed=cfg.seed)
     # spawned workers: fresh processes, no OpenGL state inherited through fork
     pool = mp.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else None
@@ -241,6 +246,12 @@ class MixedSampler:
         return etc, act
 
 # --- Samples and collation --------------------------------------------------------------------
+def goal_word(ds: Dataset, task: str, i: int) -> str | None:
+    """The colour word of frame i's goal marker (None without markers), as its instruction names it."""
+    a = ds.arrays[task]
+    k = int(a["goal_marker"][i])
+    return sim.parse_color(ds.meta["marker_colors"][a["marker_color"][i, k]])[0] if k >= 0 else None
+
 class ActionSamples:
     """(image, instruction, proprio, action chunk) samples of every frame with actions."""
     def __init__(self, ds: Dataset, chunk: int, paraphrases: str = "train", stats: dict | None = None):
@@ -263,7 +274,7 @@ class ActionSamples:
         acts = np.asarray(a["actions"][i:i + self.chunk])[ep == ep[0]]  # stop at the episode's end
         pad = self.chunk - len(acts)
         acts = np.concatenate([acts, np.repeat(acts[-1:], pad, 0)])  # hold the last action
-        texts = sim.instructions(task, self.ds.meta["color"], self.paraphrases)
+        texts = sim.instructions(task, self.ds.meta["color"], self.paraphrases, marker=goal_word(self.ds, task, i))
         return dict(image=np.asarray(a["images"][i]), text=texts[rng.integers(len(texts))] + "\n",
                     proprio=((a["proprio"][i] - self.p_mean) / self.p_std).astype(np.float32),
                     actions=((acts - self.a_mean) / self.a_std).astype(np.float32),

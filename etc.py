@@ -96,10 +96,11 @@ def motion(hand: np.ndarray, grip: np.ndarray, t: int, cam_row: np.ndarray, h: i
         move += " and " + ("close" if closing[-1] else "open") + " the gripper"
     return move
 
-def for_frame(a: dict, i: int, frames: np.ndarray, task: str, nouns: list[str],
-              color: str | None, instruction: str, size: int) -> list[tuple[str, str, str, str]]:
+def for_frame(a: dict, i: int, frames: np.ndarray, task: str, nouns: list[str], color: str | None,
+              instruction: str, size: int, words: list[str] = ()) -> list[tuple[str, str, str, str]]:
     """(level, kind, question, answer) for frame i of the episode whose frames are `frames`.
-    a: the task's arrays (with 'phase'); nouns: its objects, main first, with the colour word."""
+    a: the task's arrays (with 'phase'); nouns: its objects, main first, with the colour word;
+    words: the dataset's marker colour words (a['marker_color'] indexes them)."""
     box = lambda b: f"{pt(b[:2])} {pt(b[2:])}"  # noqa: E731
     out = []
     # scene grounding: where things are, the gripper's state, the object's colour
@@ -110,8 +111,19 @@ def for_frame(a: dict, i: int, frames: np.ndarray, task: str, nouns: list[str],
     if inside(a["hand_px"][i], size):
         out += [("scene", "point", "where is the gripper?", pt(a["hand_px"][i])),
                 ("scene", "box", "locate the gripper", box(a["hand_box"][i]))]
-    if inside(a["goal_px"][i], size):
+    goal = int(a["goal_marker"][i])  # -1: no markers, one goal marker that needs no name
+    if goal < 0 and inside(a["goal_px"][i], size):
         out.append(("scene", "point", "where is the goal?", pt(a["goal_px"][i])))
+    if goal >= 0:  # coloured markers: each unique colour's place, the colour nearest the gripper, the goal
+        names = [words[c] for c in a["marker_color"][i]]
+        out += [("scene", "point", f"where is the {w} marker?", pt(uv))
+                for w, uv in zip(names, a["markers_px"][i]) if names.count(w) == 1 and inside(uv, size)]
+        near = np.argmin(np.linalg.norm(a["markers"][i] - a["hand"][i], axis=1))
+        out.append(("scene", "color", "what colour is the marker nearest the gripper?", names[near]))
+        if inside(a["markers_px"][i, goal], size):
+            out.append(("task", "point", f"where is the goal of: {instruction}?", pt(a["markers_px"][i, goal])))
+        out.append(("planning", "relation", f"where is the gripper relative to the {names[goal]} marker?",
+                    relation(a["hand"][i], a["markers"][i, goal], a["camera"][i])))
     out.append(("scene", "gripper", "is the gripper open or closed?", "open" if a["proprio"][i, 3] > 0.5 else "closed"))
     if color:  # asked with the bare noun, or the question would give the answer away
         out.append(("scene", "color", f"what colour is the {sim.TEXT[task][0]}?", color))
@@ -144,6 +156,7 @@ class Etc:
 def records(ds: data.Dataset, every: int = 4, paraphrases: str = "train", seed: int = 0) -> list[dict]:
     """All ETC records of a dataset, deterministic in (dataset, every, paraphrases, seed)."""
     rng, color, size, recs = np.random.default_rng(seed), ds.meta["color"], ds.meta["image_size"], []
+    words = [sim.parse_color(c)[0] for c in ds.meta["marker_colors"]]
     for task in ds.tasks:
         a = {k: np.asarray(v) for k, v in ds.arrays[task].items() if k not in ("images", "wrist")}
         eps = ds.episode_frames(task)
@@ -151,11 +164,11 @@ def records(ds: data.Dataset, every: int = 4, paraphrases: str = "train", seed: 
             a["hand"][f], a["grip"][f], a["objects"][f, 0], a["contact"][f], a["success"][f], task)])
         noun = sim.TEXT[task][0]
         nouns = [f"{color} {noun}" if color else noun] + ([SECOND_NOUN[task]] if task in SECOND_NOUN else [])
-        texts = sim.instructions(task, color, paraphrases)
         for ep, frames in enumerate(eps):
+            texts = sim.instructions(task, color, paraphrases, marker=data.goal_word(ds, task, frames[0]))
             instruction = texts[rng.integers(len(texts))]
             for i in frames[::every]:
-                for level, kind, q, ans in for_frame(a, int(i), frames, task, nouns, color, instruction, size):
+                for level, kind, q, ans in for_frame(a, int(i), frames, task, nouns, color, instruction, size, words):
                     recs.append(dict(task=task, frame=int(i), episode=ep, step=int(a["step"][i]),
                                      level=level, kind=kind, question=q, answer=ans))
     return recs
@@ -245,12 +258,14 @@ WORDS = ("question: where is the gripper?\nanswer: ", "locate the goal", "is the
          "what colour is the", "where should the gripper act to", "what is the next step to",
          "is the task done: yes no", "predict the trajectory of:", "where is the gripper relative to the",
          "left, right, aligned, above, below, level, in front, behind", "where does the gripper move next?",
-         "stay up down toward the camera away from the camera and close open the gripper")
+         "stay up down toward the camera away from the camera and close open the gripper",
+         "where is the blue marker?", "what colour is the marker nearest the gripper?", "where is the goal of:")
 
 def corpus() -> list[str]:
     """Every text the policy reads or writes: instructions in every colour, ETC words, pixel
     numbers. model.tiny_tokenizer learns its merges from it, so prompts stay short."""
     texts = [t for task in sim.TASKS for c in [None, *sim.PALETTE] for t in sim.instructions(task, c, "all")]
+    texts += [t for task in sim.MARKER_TEXT for m in sim.PALETTE for t in sim.instructions(task, None, "all", marker=m)]
     return texts + list(WORDS) + list(PHASES) + [f"{i} {j}, " for i in range(128) for j in range(0, 128, 7)]
 
 if __name__ == "__main__":

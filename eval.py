@@ -28,7 +28,10 @@ class Success:
     object_colors: tuple[str, ...] = ()  # object colours to test: names, "r,g,b" or "name=r,g,b"; () = the dataset's
     table_colors: tuple[str, ...] = ()  # table colours to test, same forms; () = the dataset's
     camera_jitter: float | None = None  # degrees of random camera offset per episode (default: the dataset's)
-    instruction: str | None = None  # one instruction text for every task; default: the task's own
+    goal_colors: tuple[str, ...] | None = None  # with markers: the goal's colour words (novel ones: OOD); default the dataset's
+    ambiguous: float | None = None  # with markers: chance of two goals of the named colour; default the dataset's
+    instruction: str | None = None  # one instruction text for every task and episode; default: the layout's own
+    mode: Literal["right", "empty", "wrong"] = "right"  # with markers: name the goal's colour, nothing, another's
     paraphrases: Literal["train", "heldout"] = "train"  # without --instruction: template or held-out paraphrase
     seeds: tuple[int, ...] = (0, 1, 2)  # evaluation seeds; success is reported as mean +- std over them
     episodes: int = 10  # fresh layouts per task, condition and seed (never used for collection)
@@ -68,6 +71,7 @@ class Report:
     readme: str | None = None  # also replace the README's generated section (between its markers)
 
 # --- Closed-loop success ----------------------------------------------------------------------
+LABELLED = ("object_color", "table_color", "camera_jitter", "markers", "goal_colors", "ambiguous")  # a condition's name
 POLICY = {}  # per worker process: the loaded checkpoint
 
 def init_worker(ckpt: str, steps: int | None):
@@ -75,26 +79,33 @@ def init_worker(ckpt: str, steps: int | None):
     POLICY["vla"], POLICY["steps"] = model.load(ckpt), steps
 
 def run_job(job: tuple) -> tuple:
-    """One (task, condition, seed) block of episodes -> (job, successes, frames or None)."""
+    """One (task, condition, seed) block of episodes -> (job, [(success, named) per episode],
+    frames or None, the instruction texts)."""
     task, cond, seed, cfg = job
-    vla, variation = POLICY["vla"], sim.Variation(**cond)
-    text = cfg.instruction or sim.instructions(task, variation.color_word(), cfg.paraphrases)[0]
+    vla, variation, texts = POLICY["vla"], sim.Variation(**cond), []
+
+    def instruction(world: sim.World) -> tuple[str, int]:  # this layout's, or the one given
+        text, named = world.instruction(cfg.mode, cfg.paraphrases)
+        texts.append(text if cfg.instruction is None else cfg.instruction)
+        return texts[-1], named
     frames = [] if seed == cfg.seeds[0] and cfg.gifs else None
-    ok = sim.run_policy(scaffold.policy(vla, POLICY["steps"]), task, data.eval_seeds(task, seed, cfg.episodes), text,
+    ok = sim.run_policy(scaffold.policy(vla, POLICY["steps"]), task, data.eval_seeds(task, seed, cfg.episodes), instruction,
                         variation, vla.cfg.image_size, cfg.max_steps, cfg.execute, frames)
-    return (task, cond, seed), ok, (frames[:cfg.gifs] if frames else None), text
+    return (task, cond, seed), ok, (frames[:cfg.gifs] if frames else None), sorted(set(texts))
 
 def summarise(outcomes: dict) -> dict:
-    """{(task, condition, seed): [success per episode]} -> per (task, condition): the success
-    rate of each seed, their mean and std (over seeds), and the episode count; and the mean
-    over tasks of each condition, its std over seeds of the task-mean."""
+    """{(task, condition, seed): [(success, named) per episode]} -> per (task, condition): the
+    success rate of each seed, their mean and std (over seeds), the episode count and, with
+    markers, the rate of ending at the named marker; per condition the same over the task-mean."""
     rows = {}
-    for (task, cond, seed), ok in sorted(outcomes.items()):
-        r = rows.setdefault((task, cond), dict(task=task, condition=cond, per_seed=[], episodes=0))
-        r["per_seed"].append(float(np.mean(ok)))
-        r["episodes"] += len(ok)
+    for (task, cond, seed), eps in sorted(outcomes.items()):
+        r = rows.setdefault((task, cond), dict(task=task, condition=cond, per_seed=[], named_per_seed=[], episodes=0))
+        r["per_seed"].append(float(np.mean([ok for ok, _ in eps])))
+        r["named_per_seed"].append(float(np.mean([n for _, n in eps])) if eps[0][1] is not None else None)
+        r["episodes"] += len(eps)
     for r in rows.values():
         r["mean"], r["std"] = float(np.mean(r["per_seed"])), float(np.std(r["per_seed"]))
+        r["named"] = float(np.mean(r["named_per_seed"])) if None not in r["named_per_seed"] else None
     overall = {}
     for cond in sorted({c for _, c in rows}):
         per_seed = np.mean([r["per_seed"] for (t, c), r in rows.items() if c == cond], axis=0)  # (seeds,)
@@ -102,9 +113,12 @@ def summarise(outcomes: dict) -> dict:
     return dict(rows=list(rows.values()), overall=overall)
 
 def success_markdown(summary: dict, title: str) -> str:
-    lines = [f"**{title}**", "", "| task | condition | success (mean +- std over seeds) | episodes |", "|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['condition']} | {r['mean']:.2f} +- {r['std']:.2f} | {r['episodes']} |" for r in summary["rows"]]
-    lines += [f"| **mean** | {c} | **{o['mean']:.2f} +- {o['std']:.2f}** | |" for c, o in summary["overall"].items()]
+    named = lambda r: "" if r["named"] is None else f"{r['named']:.2f}"  # noqa: E731
+    lines = [f"**{title}**", "", "| task | condition | success (mean +- std over seeds) | at the named marker | episodes |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['condition']} | {r['mean']:.2f} +- {r['std']:.2f} | {named(r)} | {r['episodes']} |"
+              for r in summary["rows"]]
+    lines += [f"| **mean** | {c} | **{o['mean']:.2f} +- {o['std']:.2f}** | | |" for c, o in summary["overall"].items()]
     return "\n".join(lines) + "\n"
 
 def write_result(out: Path, result: dict):  # out/<name>.json: what `report` reads back
@@ -126,24 +140,31 @@ def success(cfg: Success) -> dict:
                                             "or its ETC answers with `python eval.py etc`")
     if vla.cfg.image_size != ds.meta["image_size"]:
         raise model.CheckpointError(f"{cfg.ckpt} takes {vla.cfg.image_size} px images; {cfg.data} has {ds.meta['image_size']} px")
-    base = ds.meta["variation"]
-    conds = [dict(base, object_color=o, table_color=t, camera_jitter=base["camera_jitter"] if cfg.camera_jitter is None else cfg.camera_jitter)
-             for o, t in itertools.product(cfg.object_colors or [base["object_color"]], cfg.table_colors or [base["table_color"]])]
-    label = lambda c: ", ".join(f"{k.split('_')[0]} {v}" for k, v in c.items() if v) or "default"  # noqa: E731
+    given = {k: getattr(cfg, k) for k in ("camera_jitter", "goal_colors", "ambiguous") if getattr(cfg, k) is not None}
+    base = {**asdict(sim.Variation(**ds.meta["variation"])), **given}
+    for c in base["goal_colors"]:
+        sim.parse_color(c)
+    conds = [dict(base, object_color=o, table_color=t) for o, t in itertools.product(
+        cfg.object_colors or [base["object_color"]], cfg.table_colors or [base["table_color"]])]
+    label = lambda c: ", ".join(f"{k.split('_')[0]} {'/'.join(map(str, c[k])) if isinstance(c[k], (list, tuple)) else c[k]}"
+                                for k in LABELLED if c[k]) or "default"  # noqa: E731
     jobs = [(t, c, s, cfg) for t in tasks for c in conds for s in cfg.seeds]
     name, out, outcomes, texts = cfg.name or Path(cfg.ckpt).name, Path(cfg.out), {}, {}
     out.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")  # a fresh interpreter per worker: MuJoCo/EGL state is not fork-safe
     with ctx.Pool(cfg.workers, init_worker, (cfg.ckpt, cfg.steps)) as pool, tqdm(total=len(jobs) * cfg.episodes, desc=name) as bar:
         for (task, cond, seed), ok, frames, text in pool.imap_unordered(run_job, jobs):
-            outcomes[(task, label(cond), seed)], texts[task] = ok, text
+            outcomes[(task, label(cond), seed)] = ok
+            texts[task] = sorted(set(texts.get(task, []) + text))
             bar.update(len(ok))
             for i, f in enumerate(frames or []):
                 slug = re.sub(r"[^a-z0-9]+", "-", f"{name} {task} {label(cond)} {i}".lower()).strip("-")
                 write_gif(out / f"{slug}.gif", f)
     summary = summarise(outcomes)
     result = dict(kind="success", name=name, ckpt=cfg.ckpt, steps=cfg.steps or vla.cfg.steps,
-                  instructions=texts, config=asdict(cfg), **summary)
+                  instructions=texts, config=asdict(cfg), **summary,
+                  episodes=[dict(task=t, condition=c, seed=s, success=[o for o, _ in e], named=[n for _, n in e])
+                            for (t, c, s), e in sorted(outcomes.items())])
     write_result(out, result)
     md = success_markdown(summary, f"{name}: {cfg.ckpt}, {result['steps']} step(s) per chunk")
     (out / f"{name}.md").write_text(md)

@@ -6,6 +6,7 @@ is a function of (seed, step): train_state.pt holds only the step and the optimi
 """
 import json, math, os, subprocess, sys
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np, torch, torch.distributed as dist
@@ -162,9 +163,8 @@ def closed_loop(vla: model.VLA, tasks: list[str], episodes: int, variation: sim.
     vla.eval()
     out = {}
     for task in tasks:
-        text = sim.instructions(task, variation.color_word(), split)[0]
-        seeds = data.eval_seeds(task, 0, episodes)
-        out[task] = float(np.mean(sim.run_policy(policy(vla), task, seeds, text, variation, vla.cfg.image_size)))
+        seeds, instruction = data.eval_seeds(task, 0, episodes), partial(sim.World.instruction, split=split)
+        out[task] = float(np.mean([ok for ok, _ in sim.run_policy(policy(vla), task, seeds, instruction, variation, vla.cfg.image_size)]))
     vla.train()
     return out
 

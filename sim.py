@@ -142,11 +142,16 @@ class Variation:
     table_color: str | None = None  # table top colour, same forms
     camera_jitter: float = 0.0  # per-episode random camera offset, in degrees of azimuth
     markers: int = 0  # K coloured goal markers on the grounded tasks (MARKER_TEXT); 0 = one green goal
-    marker_colors: tuple[str, ...] = ("green", "blue", "yellow", "purple", "cyan", "orange")  # K drawn per episode
-    ambiguous: bool = False  # two markers share the named colour; the expert picks one at random
+    marker_colors: tuple[str, ...] = ("green", "blue", "yellow", "purple", "cyan", "orange")  # drawn per episode
+    goal_colors: tuple[str, ...] = ()  # the goal's colour comes from these (novel words); () = marker_colors
+    ambiguous: float = 0.0  # chance that two markers share the named colour (the expert picks one, 50/50)
 
-    def __post_init__(self):  # from meta.json the colours come back as a list
+    def __post_init__(self):  # from meta.json the colours come back as lists
         object.__setattr__(self, "marker_colors", tuple(self.marker_colors))
+        object.__setattr__(self, "goal_colors", tuple(self.goal_colors))
+
+    def all_marker_colors(self) -> list[str]:
+        return list(dict.fromkeys(self.goal_colors + self.marker_colors))
 
     def color_word(self) -> str | None:
         return parse_color(self.object_color)[0] if self.object_color else None
@@ -270,19 +275,20 @@ class World:
         self.obs, self.steps = obs, 0
         rng = np.random.default_rng([seed, 7])
         self.camera = jitter_camera(self.base_camera, self.variation.camera_jitter, rng)
-        self.markers, self.marker_words, self.marker_rgb, self.goal_marker = np.zeros((0, 3)), (), (), -1
+        self.markers, self.marker_colors, self.marker_words, self.marker_rgb = np.zeros((0, 3)), [], (), ()
+        self.goal_marker = -1
         if self.variation.markers and self.task in MARKER_TEXT:
             self._place_markers(np.random.default_rng([seed, 11]))
         return self.obs
 
     def _place_markers(self, rng: np.random.Generator):
-        """K markers at least MARKER_GAP apart with distinct colours (two alike when ambiguous);
-        the goal is the first (or, ambiguous, one of the first two, 50/50); the env's target and
-        the expert's observation move to it."""
+        """K markers at least MARKER_GAP apart with distinct colours, the first the goal; in an
+        ambiguous episode the second has the goal's colour and the goal is one of the two, 50/50.
+        The env's target and the expert's observation move to the goal."""
         var, (low, high), k = self.variation, MARKER_REGION, self.variation.markers
         z_low, z_high = self.env.goal_space.low[2], self.env.goal_space.high[2]
-        if not 1 <= k <= len(var.marker_colors) or (var.ambiguous and k < 2):
-            raise ValueError(f"--variation.markers {k} needs 1..{len(var.marker_colors)} marker colours (2+ if ambiguous)")
+        if not 2 <= k <= len(var.marker_colors) + bool(var.goal_colors):
+            raise ValueError(f"--variation.markers {k}: use 2 to {len(var.marker_colors)} (the marker colours given)")
         for _ in range(1000):
             xy = rng.uniform(low, high, (k, 2))
             if k == 1 or min(np.linalg.norm(a - b) for i, a in enumerate(xy) for b in xy[i + 1:]) >= MARKER_GAP:
@@ -290,12 +296,13 @@ class World:
         else:
             raise ValueError(f"{k} markers do not fit {MARKER_GAP} m apart in {MARKER_REGION}; use fewer")
         z = rng.uniform(z_low, z_high, k) if self.task == "reach" else np.full(k, self.objects()[0, 2])
-        pick = list(rng.choice(len(var.marker_colors), k, replace=False))
-        if var.ambiguous:
-            pick[1] = pick[0]
+        goal = (var.goal_colors or var.marker_colors)[rng.integers(len(var.goal_colors or var.marker_colors))]
+        others = [c for c in var.marker_colors if c != goal]
+        ambiguous = rng.random() < var.ambiguous
+        self.marker_colors = [goal] + [goal] * ambiguous + list(map(str, rng.choice(others, k - 1 - ambiguous, replace=False)))
         self.markers = np.column_stack([xy, z])
-        self.marker_words, self.marker_rgb = zip(*(parse_color(var.marker_colors[i]) for i in pick))
-        self.goal_marker = int(rng.integers(2)) if var.ambiguous else 0
+        self.marker_words, self.marker_rgb = zip(*(parse_color(c) for c in self.marker_colors))
+        self.goal_marker = int(rng.integers(2)) if ambiguous else 0
         self.env._target_pos = self.markers[self.goal_marker].copy()
         self.model.site("goal").pos = self.env._target_pos
         self.obs[-3:] = self.env._target_pos  # the goal-observable expert reads it here
@@ -349,6 +356,24 @@ class World:
     def project(self, xyz: np.ndarray) -> np.ndarray:
         return project(xyz, self.camera, self.size, self.size)
 
+    def nearest_marker(self) -> int:
+        """The marker the hand (reach) or the object (push; in the table plane) is nearest; -1: none."""
+        if not len(self.markers):
+            return -1
+        end, dims = (self.hand(), 3) if self.task == "reach" else (self.objects()[0], 2)
+        return int(np.argmin(np.linalg.norm(self.markers[:, :dims] - end[:dims], axis=1)))
+
+    def instruction(self, mode: str = "right", split: str = "train") -> tuple[str, int]:
+        """This layout's instruction and the marker it names: 'right' names the goal's colour,
+        'wrong' another marker's, 'empty' nothing (the goal counts as named)."""
+        if mode == "empty":
+            return "", self.goal_marker
+        named = self.goal_marker
+        if mode == "wrong" and len(self.markers):
+            named = next(i for i, w in enumerate(self.marker_words) if w != self.marker_words[self.goal_marker])
+        word = self.marker_words[named] if len(self.markers) else None
+        return instructions(self.task, self.variation.color_word(), split, marker=word)[0], named
+
     # -- rendering -----------------------------------------------------------------------
     def render(self) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """(H, W, 3) uint8 from the scene camera; with wrist=True also the wrist view."""
@@ -379,25 +404,27 @@ class World:
         self.renderer.close()
         self.env.close()
 
-def run_policy(policy, task: str, seeds: list[int], instruction: str, variation: Variation = Variation(),
-               image_size: int = 64, max_steps: int = 200, execute: int = 8, frames: list | None = None) -> list[bool]:
-    """Closed-loop episodes, one per layout seed; success = Meta-World's success at any step.
-    policy(image (H, W, 3) uint8, instruction, proprio (4,)) -> actions (K, 4) in [-1, 1], the
-    first `execute` of each run before asking again; frames: a list gets each episode's images."""
+def run_policy(policy, task: str, seeds: list[int], instruction, variation: Variation = Variation(),
+               image_size: int = 64, max_steps: int = 200, execute: int = 8, frames: list | None = None) -> list[tuple]:
+    """Closed-loop episodes, one per layout seed: (success at any step, whether the episode ended
+    nearest the named marker, None without markers). policy(image (H, W, 3) uint8, text, proprio
+    (4,)) -> actions (K, 4) in [-1, 1], the first `execute` run before asking again. instruction:
+    a text, or World -> (text, named marker); frames: a list gets each episode's images."""
     world, results = World(task, image_size, variation), []
     try:
         for seed in seeds:
             world.seed(seed)
+            text, named = instruction(world) if callable(instruction) else (instruction, world.goal_marker)
             success, seen = False, []
             while world.steps < max_steps and not success:
-                chunk = policy(world.render(), instruction, world.proprio())
+                chunk = policy(world.render(), text, world.proprio())
                 for a in chunk[:execute]:
                     success = world.step(a) or success
                     if frames is not None:
                         seen.append(world.render())
                     if success or world.steps >= max_steps:
                         break
-            results.append(success)
+            results.append((success, world.nearest_marker() == named if len(world.markers) else None))
             if frames is not None:
                 frames.append(seen)
     finally:

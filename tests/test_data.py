@@ -107,6 +107,19 @@ def test_action_samples_chunk_pad_and_mask(dataset, tokenizer):
     assert (b["labels"] == -100).all()  # action samples carry no language target
 
 
+def test_grounded_samples_name_their_episodes_goal_marker(tmp_path):
+    var = sim.Variation(markers=3, ambiguous=0.5)
+    ds = data.Dataset(data.collect(data.Collect(tasks=("reach",), episodes=4, out=str(tmp_path / "g"), workers=1, variation=var)))
+    a, acts, rng = ds.arrays["reach"], data.ActionSamples(ds, chunk=8), np.random.default_rng(0)
+    assert a["markers"].shape[1:] == (3, 3) and a["markers_px"].shape[1:] == (3, 2) and ds.meta["marker_colors"] == list(var.marker_colors)
+    for frames in ds.episode_frames("reach"):
+        k = int(a["goal_marker"][frames[0]])
+        assert (a["goal_marker"][frames] == k).all() and np.allclose(a["goal"][frames[0]], a["markers"][frames[0], k])
+        word = data.goal_word(ds, "reach", frames[-1])
+        assert word == var.marker_colors[a["marker_color"][frames[0], k]]
+        assert f"the {word} " in acts(acts.index.index(("reach", int(frames[-1]))), rng)["text"]
+
+
 def test_bad_inputs_give_one_clear_error_and_keep_what_is_on_disk(tmp_path, dataset_path):
     with pytest.raises(data.DataError, match="no dataset at"):
         data.Dataset(tmp_path / "missing")

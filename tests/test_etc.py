@@ -107,6 +107,34 @@ def test_ood_etc_has_colour_words_heldout_paraphrases_and_no_actions(tmp_path, c
 
 
 
+def test_marker_etc_is_exact_and_carries_a_novel_goal_word(tmp_path):
+    """OOD ETC for the grounded world: novel goal words, no actions; answers replayed from the layout."""
+    var = sim.Variation(markers=3, goal_colors=("teal=0,0.5,0.5",))
+    ds = data.Dataset(data.collect(data.Collect(tasks=("push",), episodes=2, out=str(tmp_path / "m"), workers=1,
+                                                actions=False, variation=var)))
+    recs, w = etc.records(ds, every=1), sim.World("push", variation=var)
+    try:
+        for ep, frames in enumerate(ds.episode_frames("push")):
+            for seed in ds.meta["tasks"]["push"]["seeds"]:  # the layout that produced this episode
+                w.seed(seed)
+                if np.allclose(w.objects(), ds.arrays["push"]["objects"][frames[0]]):
+                    break
+            assert np.allclose(w.markers, ds.arrays["push"]["markers"][frames[0]])
+            px = {word: " ".join(str(int(c)) for c in w.project(m)) for word, m in zip(w.marker_words, w.markers)}
+            mine = [r for r in recs if r["episode"] == ep]
+            assert w.marker_words[0] == "teal"
+            for r in mine:
+                if r["question"].startswith("where is the goal of:"):
+                    assert "the teal marker" in r["question"] and r["answer"] == px["teal"]
+                elif r["question"].endswith(" marker?") and r["kind"] == "point":
+                    assert r["answer"] == px[r["question"].split()[3]]
+            assert {r["kind"] for r in mine} >= {"point", "color", "relation"}
+            assert sum(r["question"].startswith("where is the goal of:") for r in mine) > 0
+    finally:
+        w.close()
+    assert "actions" not in ds.arrays["push"]
+
+
 def test_phase_labels_follow_a_pick_and_place():
     """A synthetic pick-and-place: approach, close on the object, lift, carry, release."""
     T = 40

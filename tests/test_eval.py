@@ -10,15 +10,19 @@ import model
 
 
 def test_success_is_counted_per_seed_and_summarised_over_seeds():
-    outcomes = {("reach", "default", 0): [True, True, False, False], ("reach", "default", 1): [True, True, True, True],
-                ("push", "default", 0): [False] * 4, ("push", "default", 1): [True, False, False, False]}
+    ok = lambda *s: [(bool(x), None) for x in s]  # noqa: E731  (no markers: no named marker)
+    outcomes = {("reach", "default", 0): ok(1, 1, 0, 0), ("reach", "default", 1): ok(1, 1, 1, 1),
+                ("push", "default", 0): ok(0, 0, 0, 0), ("push", "default", 1): ok(1, 0, 0, 0),
+                ("push", "markers 3", 0): [(True, True), (False, True), (False, False), (False, False)]}
     s = ev.summarise(outcomes)
     reach = next(r for r in s["rows"] if r["task"] == "reach")
     assert reach["per_seed"] == [0.5, 1.0] and reach["mean"] == 0.75 and reach["std"] == 0.25 and reach["episodes"] == 8
+    assert reach["named"] is None and next(r for r in s["rows"] if r["condition"] == "markers 3")["named"] == 0.5
     # over tasks, per seed: seed 0 (0.5 + 0) / 2, seed 1 (1 + 0.25) / 2 -> mean 0.4375, std 0.1875
     assert s["overall"]["default"] == dict(mean=0.4375, std=0.1875)
     md = ev.success_markdown(s, "title")
-    assert "| reach | default | 0.75 +- 0.25 | 8 |" in md and "**0.44 +- 0.19**" in md
+    assert "| reach | default | 0.75 +- 0.25 |  | 8 |" in md and "| push | markers 3 | 0.25 +- 0.00 | 0.50 | 4 |" in md
+    assert "**0.44 +- 0.19**" in md
 
 
 def test_cka_is_one_for_itself_and_rotations_and_near_zero_for_noise():
@@ -38,7 +42,7 @@ def test_rollouts_accept_any_colour_and_instruction_and_write_results(dataset_pa
                      object_colors=("0,128,255",), table_colors=("white", "purple"), instruction="touch the cyan dot",
                      seeds=(0, 1), episodes=1, max_steps=16, workers=1, out=str(tmp_path / "eval"), name="run")
     result = ev.success(cfg)
-    assert result["instructions"] == {"reach": "touch the cyan dot"} and result["steps"] == 10
+    assert result["instructions"] == {"reach": ["touch the cyan dot"]} and result["steps"] == 10
     assert {r["condition"] for r in result["rows"]} == {"object 0,128,255, table white", "object 0,128,255, table purple"}
     assert all(r["episodes"] == 2 and len(r["per_seed"]) == 2 for r in result["rows"])
     assert json.loads((tmp_path / "eval" / "run.json").read_text())["rows"] == result["rows"]
@@ -53,6 +57,23 @@ def test_rollouts_accept_any_colour_and_instruction_and_write_results(dataset_pa
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith(f"{ev.MARK[1]}\noutro\n") and "the previous results" not in text
     assert "| run | " in text and "| scene | task | planning |" in text and "`eval.py`" in text  # success, ETC, file map
+
+
+@pytest.mark.parametrize("mode", ["right", "wrong", "empty"])
+def test_grounded_rollouts_name_a_marker_and_report_where_the_episode_ended(mode, tmp_path):
+    ds = data.collect(data.Collect(tasks=("reach",), episodes=1, out=str(tmp_path / "ds"), workers=1,
+                                   variation=data.sim.Variation(markers=3)))
+    torch.manual_seed(0)
+    model.VLA(model.VLAConfig(), stats=data.Dataset(ds).meta["stats"]).save(tmp_path / "policy")
+    result = ev.success(ev.Success(ckpt=str(tmp_path / "policy"), data=str(ds), mode=mode, goal_colors=("teal=0,0.5,0.5",),
+                                   seeds=(0,), episodes=3, max_steps=8, workers=1, gifs=0, out=str(tmp_path / "eval")))
+    texts, (row,) = result["instructions"]["reach"], result["rows"]
+    assert row["condition"] == "markers 3, goal teal=0,0.5,0.5" and row["named"] is not None
+    assert len(result["episodes"][0]["named"]) == 3
+    if mode == "empty":
+        assert texts == [""]
+    else:  # the goal is teal, so only 'wrong' names another colour
+        assert all(("teal" in t) == (mode == "right") and "marker" in t for t in texts), texts
 
 
 def test_bad_input_stops_clearly(dataset_path, tmp_path, capsys):

@@ -189,8 +189,20 @@ def test_markers_are_apart_distinct_and_named_in_the_instruction():
         w.close()
 
 
+def test_novel_goal_colours_name_only_the_goal():
+    var = sim.Variation(markers=3, goal_colors=("teal=0,0.5,0.5", "lime=0.6,1,0.2"))
+    w = sim.World("reach", variation=var)
+    try:
+        for s in range(10):
+            w.seed(s)
+            assert w.marker_words[0] in ("teal", "lime") and not {"teal", "lime"} & set(w.marker_words[1:])
+    finally:
+        w.close()
+    assert var.all_marker_colors()[:2] == ["teal=0,0.5,0.5", "lime=0.6,1,0.2"]
+
+
 def test_ambiguous_goal_is_a_coin_flip_between_two_alike_markers():
-    w = sim.World("reach", variation=sim.Variation(markers=3, ambiguous=True))
+    w = sim.World("reach", variation=sim.Variation(markers=3, ambiguous=1.0))
     try:
         runs, picks = [], []
         for s in range(40):
