@@ -94,18 +94,20 @@ def run_job(job: tuple) -> tuple:
     return (task, cond, seed), ok, (frames[:cfg.gifs] if frames else None), sorted(set(texts))
 
 def summarise(outcomes: dict) -> dict:
-    """{(task, condition, seed): [(success, named) per episode]} -> per (task, condition): the
-    success rate of each seed, their mean and std (over seeds), the episode count and, with
-    markers, the rate of ending at the named marker; per condition the same over the task-mean."""
+    """{(task, condition, seed): [(success, named, between) per episode]} -> per (task, condition):
+    the success rate of each seed, their mean and std (over seeds), the episode count; with
+    markers the rate of ending at the named marker, and of ending between two alike goals (of
+    the ambiguous episodes); per condition the success over the task-mean."""
     rows = {}
+    rate = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
     for (task, cond, seed), eps in sorted(outcomes.items()):
-        r = rows.setdefault((task, cond), dict(task=task, condition=cond, per_seed=[], named_per_seed=[], episodes=0))
-        r["per_seed"].append(float(np.mean([ok for ok, _ in eps])))
-        r["named_per_seed"].append(float(np.mean([n for _, n in eps])) if eps[0][1] is not None else None)
-        r["episodes"] += len(eps)
+        r = rows.setdefault((task, cond), dict(task=task, condition=cond, per_seed=[], episodes=0, outcomes=[]))
+        r["per_seed"].append(float(np.mean([ok for ok, _, _ in eps])))
+        r["episodes"], r["outcomes"] = r["episodes"] + len(eps), r["outcomes"] + eps
     for r in rows.values():
         r["mean"], r["std"] = float(np.mean(r["per_seed"])), float(np.std(r["per_seed"]))
-        r["named"] = float(np.mean(r["named_per_seed"])) if None not in r["named_per_seed"] else None
+        eps = r.pop("outcomes")
+        r["named"], r["between"] = (rate([e[j] for e in eps if e[j] is not None]) for j in (1, 2))
     overall = {}
     for cond in sorted({c for _, c in rows}):
         per_seed = np.mean([r["per_seed"] for (t, c), r in rows.items() if c == cond], axis=0)  # (seeds,)
@@ -113,12 +115,12 @@ def summarise(outcomes: dict) -> dict:
     return dict(rows=list(rows.values()), overall=overall)
 
 def success_markdown(summary: dict, title: str) -> str:
-    named = lambda r: "" if r["named"] is None else f"{r['named']:.2f}"  # noqa: E731
-    lines = [f"**{title}**", "", "| task | condition | success (mean +- std over seeds) | at the named marker | episodes |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['condition']} | {r['mean']:.2f} +- {r['std']:.2f} | {named(r)} | {r['episodes']} |"
-              for r in summary["rows"]]
-    lines += [f"| **mean** | {c} | **{o['mean']:.2f} +- {o['std']:.2f}** | | |" for c, o in summary["overall"].items()]
+    f = lambda x: "" if x is None else f"{x:.2f}"  # noqa: E731
+    lines = [f"**{title}**", "", "| task | condition | success (mean +- std over seeds) | at the named marker | "
+             "between two goals | episodes |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['condition']} | {r['mean']:.2f} +- {r['std']:.2f} | {f(r['named'])} | {f(r['between'])} | "
+              f"{r['episodes']} |" for r in summary["rows"]]
+    lines += [f"| **mean** | {c} | **{o['mean']:.2f} +- {o['std']:.2f}** | | | |" for c, o in summary["overall"].items()]
     return "\n".join(lines) + "\n"
 
 def write_result(out: Path, result: dict):  # out/<name>.json: what `report` reads back
@@ -163,7 +165,7 @@ def success(cfg: Success) -> dict:
     summary = summarise(outcomes)
     result = dict(kind="success", name=name, ckpt=cfg.ckpt, steps=cfg.steps or vla.cfg.steps,
                   instructions=texts, config=asdict(cfg), **summary,
-                  episodes=[dict(task=t, condition=c, seed=s, success=[o for o, _ in e], named=[n for _, n in e])
+                  episodes=[dict(task=t, condition=c, seed=s, **dict(zip(("success", "named", "between"), map(list, zip(*e)))))
                             for (t, c, s), e in sorted(outcomes.items())])
     write_result(out, result)
     md = success_markdown(summary, f"{name}: {cfg.ckpt}, {result['steps']} step(s) per chunk")

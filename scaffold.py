@@ -164,7 +164,7 @@ def closed_loop(vla: model.VLA, tasks: list[str], episodes: int, variation: sim.
     out = {}
     for task in tasks:
         seeds, instruction = data.eval_seeds(task, 0, episodes), partial(sim.World.instruction, split=split)
-        out[task] = float(np.mean([ok for ok, _ in sim.run_policy(policy(vla), task, seeds, instruction, variation, vla.cfg.image_size)]))
+        out[task] = float(np.mean([ok for ok, _, _ in sim.run_policy(policy(vla), task, seeds, instruction, variation, vla.cfg.image_size)]))
     vla.train()
     return out
 

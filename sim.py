@@ -142,7 +142,7 @@ class Variation:
     table_color: str | None = None  # table top colour, same forms
     camera_jitter: float = 0.0  # per-episode random camera offset, in degrees of azimuth
     markers: int = 0  # K coloured goal markers on the grounded tasks (MARKER_TEXT); 0 = one green goal
-    marker_colors: tuple[str, ...] = ("green", "blue", "yellow", "purple", "cyan", "orange")  # drawn per episode
+    marker_colors: tuple[str, ...] = ("green", "blue", "yellow", "purple", "orange", "pink")  # not the arm's red, the fingers' cyan
     goal_colors: tuple[str, ...] = ()  # the goal's colour comes from these (novel words); () = marker_colors
     ambiguous: float = 0.0  # chance that two markers share the named colour (the expert picks one, 50/50)
 
@@ -159,10 +159,10 @@ class Variation:
 @dataclass(frozen=True)
 class Camera:
     """A MuJoCo free camera; the defaults frame the whole workspace at 64 px."""
-    lookat: tuple[float, float, float] = (0.0, 0.7, 0.1)
-    distance: float = 1.0
-    azimuth: float = 135.0  # degrees about z
-    elevation: float = -30.0  # degrees, negative looks down
+    lookat: tuple[float, float, float] = (0.0, 0.72, 0.08)  # close, from the front right, 45 degrees down:
+    distance: float = 0.9  # the puck and the markers are 3-5 px wide, none hidden by the arm
+    azimuth: float = 150.0  # degrees about z
+    elevation: float = -45.0  # degrees, negative looks down
     fovy: float = 45.0  # vertical field of view in degrees (Meta-World's model default)
 
 def camera_pose(cam: Camera) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -308,10 +308,20 @@ class World:
         self.obs[-3:] = self.env._target_pos  # the goal-observable expert reads it here
 
     def step(self, action: np.ndarray) -> bool:
-        """Apply one action in [-1, 1]^4 (dx, dy, dz, grip); returns Meta-World's success."""
+        """Apply one action in [-1, 1]^4 (dx, dy, dz, grip); returns Meta-World's success (with
+        markers: at any marker of the goal's colour, within Meta-World's 5 cm)."""
         self.obs, _, _, _, info = self.env.step(np.clip(action, -1.0, 1.0).astype(np.float32))
         self.steps += 1
-        return bool(info["success"])
+        return bool(info["success"]) or any(self.distances()[i] <= 0.05 for i in self.goals())
+
+    def goals(self) -> list[int]:
+        """The markers of the goal's colour: the goal, and its twin in an ambiguous layout."""
+        return [i for i, w in enumerate(self.marker_words) if w == self.marker_words[self.goal_marker]] if len(self.markers) else []
+
+    def distances(self) -> np.ndarray:
+        """(K,) distance of the hand (reach) or the object (push) to each marker."""
+        end = self.hand() if self.task == "reach" else self.objects()[0]
+        return np.linalg.norm(self.markers - end, axis=1)
 
     def expert_action(self) -> np.ndarray:
         return np.clip(self.expert.get_action(self.obs), -1.0, 1.0).astype(np.float32)
@@ -356,12 +366,18 @@ class World:
     def project(self, xyz: np.ndarray) -> np.ndarray:
         return project(xyz, self.camera, self.size, self.size)
 
-    def nearest_marker(self) -> int:
-        """The marker the hand (reach) or the object (push; in the table plane) is nearest; -1: none."""
-        if not len(self.markers):
-            return -1
-        end, dims = (self.hand(), 3) if self.task == "reach" else (self.objects()[0], 2)
-        return int(np.argmin(np.linalg.norm(self.markers[:, :dims] - end[:dims], axis=1)))
+    def nearest_marker(self) -> int:  # -1 without markers
+        return int(np.argmin(self.distances())) if len(self.markers) else -1
+
+    def between(self) -> bool | None:
+        """Ambiguous layouts: whether the hand (reach) or object (push) is nearer the midpoint of the
+        two goals than either goal (a regression that averaged the two modes); else None."""
+        alike = self.goals()
+        if len(alike) < 2:
+            return None
+        end = self.hand() if self.task == "reach" else self.objects()[0]
+        d = np.linalg.norm(np.vstack([self.markers[alike].mean(0), self.markers[alike]]) - end, axis=1)
+        return bool(d[0] < d[1:].min())
 
     def instruction(self, mode: str = "right", split: str = "train") -> tuple[str, int]:
         """This layout's instruction and the marker it names: 'right' names the goal's colour,
@@ -407,7 +423,8 @@ class World:
 def run_policy(policy, task: str, seeds: list[int], instruction, variation: Variation = Variation(),
                image_size: int = 64, max_steps: int = 200, execute: int = 8, frames: list | None = None) -> list[tuple]:
     """Closed-loop episodes, one per layout seed: (success at any step, whether the episode ended
-    nearest the named marker, None without markers). policy(image (H, W, 3) uint8, text, proprio
+    nearest the named marker, whether between two alike goals; None where it does not apply).
+    policy(image (H, W, 3) uint8, text, proprio
     (4,)) -> actions (K, 4) in [-1, 1], the first `execute` run before asking again. instruction:
     a text, or World -> (text, named marker); frames: a list gets each episode's images."""
     world, results = World(task, image_size, variation), []
@@ -424,7 +441,7 @@ def run_policy(policy, task: str, seeds: list[int], instruction, variation: Vari
                         seen.append(world.render())
                     if success or world.steps >= max_steps:
                         break
-            results.append((success, world.nearest_marker() == named if len(world.markers) else None))
+            results.append((success, world.nearest_marker() == named if len(world.markers) else None, world.between()))
             if frames is not None:
                 frames.append(seen)
     finally:

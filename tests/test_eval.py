@@ -10,10 +10,10 @@ import model
 
 
 def test_success_is_counted_per_seed_and_summarised_over_seeds():
-    ok = lambda *s: [(bool(x), None) for x in s]  # noqa: E731  (no markers: no named marker)
+    ok = lambda *s: [(bool(x), None, None) for x in s]  # noqa: E731  (no markers: no named marker)
     outcomes = {("reach", "default", 0): ok(1, 1, 0, 0), ("reach", "default", 1): ok(1, 1, 1, 1),
                 ("push", "default", 0): ok(0, 0, 0, 0), ("push", "default", 1): ok(1, 0, 0, 0),
-                ("push", "markers 3", 0): [(True, True), (False, True), (False, False), (False, False)]}
+                ("push", "markers 3", 0): [(True, True, None), (False, True, True), (False, False, False), (False, False, None)]}
     s = ev.summarise(outcomes)
     reach = next(r for r in s["rows"] if r["task"] == "reach")
     assert reach["per_seed"] == [0.5, 1.0] and reach["mean"] == 0.75 and reach["std"] == 0.25 and reach["episodes"] == 8
@@ -21,7 +21,7 @@ def test_success_is_counted_per_seed_and_summarised_over_seeds():
     # over tasks, per seed: seed 0 (0.5 + 0) / 2, seed 1 (1 + 0.25) / 2 -> mean 0.4375, std 0.1875
     assert s["overall"]["default"] == dict(mean=0.4375, std=0.1875)
     md = ev.success_markdown(s, "title")
-    assert "| reach | default | 0.75 +- 0.25 |  | 8 |" in md and "| push | markers 3 | 0.25 +- 0.00 | 0.50 | 4 |" in md
+    assert "| reach | default | 0.75 +- 0.25 |  |  | 8 |" in md and "| push | markers 3 | 0.25 +- 0.00 | 0.50 | 0.50 | 4 |" in md
     assert "**0.44 +- 0.19**" in md
 
 
