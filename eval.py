@@ -227,12 +227,15 @@ def report_markdown(cfg: Report) -> str:
     succ = [r for r in res if r["kind"] == "success"]
     if succ:
         tasks = sorted({row["task"] for r in succ for row in r["rows"]})
-        out += ["**Closed-loop success** (Meta-World success at any step; mean +- std over evaluation seeds)", "",
+        out += ["**Closed-loop success** (Meta-World success at any step, at either goal of the named colour; mean "
+                "+- std over evaluation seeds). With markers, a task's cell adds the rate of ending at the named "
+                "marker and, for ambiguous layouts, between the two goals: success / named / between.", "",
                 "| run | checkpoint | steps/chunk | condition | " + " | ".join(tasks) + " | mean |",
                 "|---" * (5 + len(tasks)) + "|"]
+        rates = lambda row: "".join(f" / {row[k]:.2f}" for k in ("named", "between") if row.get(k) is not None)  # noqa: E731
         for r in succ:
             for cond, o in r["overall"].items():
-                cell = {row["task"]: f"{row['mean']:.2f}" for row in r["rows"] if row["condition"] == cond}
+                cell = {row["task"]: f"{row['mean']:.2f}" + rates(row) for row in r["rows"] if row["condition"] == cond}
                 out.append(f"| {r['name']} | {r['ckpt']} | {r['steps']} | {cond} | "
                            + " | ".join(cell.get(t, "") for t in tasks) + f" | **{o['mean']:.2f} +- {o['std']:.2f}** |")
         eps = sorted({row["episodes"] for r in succ for row in r["rows"]})

@@ -56,7 +56,7 @@ class Config:
     eval_every: int = 1000  # held-out ETC accuracy every so often (and at the end); 0 = only at the end
     save_every: int = 1000  # 0 = only at the end (and on Ctrl-C)
     eval_episodes: int = 20  # closed-loop episodes per task at the end; 0 skips
-    ood_color: str = "yellow"  # stage 3 also evaluates this novel object colour + held-out paraphrases
+    ood_goal_colors: tuple[str, ...] = ("teal=0,0.5,0.5", "lime=0.6,1,0.2")  # stage 3 with markers: goals named by novel words
     seed: int = 0
     resume: bool = False  # continue a run from out/train_state.pt
     overwrite: bool = False  # replace an existing --out
@@ -153,9 +153,9 @@ def main(cfg: Config):
         if cfg.eval_episodes:
             var = sim.Variation(**ds.meta["variation"])
             summary["success"] = scaffold.closed_loop(vla, ds.tasks, cfg.eval_episodes, var)
-            if cfg.stage == 3 and cfg.ood_color:
-                ood = sim.Variation(**{**ds.meta["variation"], "object_color": cfg.ood_color})
-                summary["success_ood"] = scaffold.closed_loop(vla, ds.tasks, cfg.eval_episodes, ood, "heldout")
+            if cfg.stage == 3 and var.markers and cfg.ood_goal_colors:  # the novel words, held-out phrasings
+                ood = sim.Variation(**{**ds.meta["variation"], "goal_colors": cfg.ood_goal_colors})
+                summary["success_ood"] = scaffold.closed_loop(vla, list(sim.MARKER_TEXT), cfg.eval_episodes, ood, "heldout")
         scaffold.close_log(log, summary)
     scaffold.finish(proc)
 
