@@ -89,7 +89,7 @@ def run_job(job: tuple) -> tuple:
         texts.append(text if cfg.instruction is None else cfg.instruction)
         return texts[-1], named
     frames = [] if seed == cfg.seeds[0] and cfg.gifs else None
-    ok = sim.run_policy(scaffold.policy(vla, POLICY["steps"]), task, data.eval_seeds(task, seed, cfg.episodes), instruction,
+    ok = scaffold.run_policy(scaffold.policy(vla, POLICY["steps"]), task, data.eval_seeds(task, seed, cfg.episodes), instruction,
                         variation, vla.cfg.image_size, cfg.max_steps, cfg.execute, frames)
     return (task, cond, seed), ok, (frames[:cfg.gifs] if frames else None), sorted(set(texts))
 

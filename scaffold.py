@@ -148,7 +148,7 @@ def log(f, row: dict, echo: bool = True):
 
 # --- Evaluation: closed loop in the simulator, and ETC questions ------------------------------
 def policy(vla: model.VLA, steps: int | None = None):
-    """sim.run_policy's policy for a VLA: (image, instruction, raw proprio) -> raw actions (H, 4)
+    """run_policy's policy for a VLA: (image, instruction, raw proprio) -> raw actions (H, 4)
     in [-1, 1], through the normalisation stats the policy was trained with."""
     p, a = ({k: np.array(v) for k, v in vla.stats[n].items()} for n in ("proprio", "actions"))
 
@@ -158,13 +158,41 @@ def policy(vla: model.VLA, steps: int | None = None):
         return np.clip(chunk.float().cpu().numpy() * a["std"] + a["mean"], -1, 1)
     return act
 
+def run_policy(policy, task: str, seeds: list[int], instruction, variation: sim.Variation = sim.Variation(),
+               image_size: int = 64, max_steps: int = 200, execute: int = 8, frames: list | None = None) -> list[tuple]:
+    """Closed-loop episodes, one per layout seed: (success at any step, whether the episode ended
+    nearest the named marker, whether between two alike goals; None where it does not apply).
+    policy(image (H, W, 3) uint8, text, proprio
+    (4,)) -> actions (K, 4) in [-1, 1], the first `execute` run before asking again. instruction:
+    a text, or World -> (text, named marker); frames: a list gets each episode's images."""
+    world, results = sim.World(task, image_size, variation), []
+    try:
+        for seed in seeds:
+            world.seed(seed)
+            text, named = instruction(world) if callable(instruction) else (instruction, world.goal_marker)
+            success, seen = False, []
+            while world.steps < max_steps and not success:
+                chunk = policy(world.render(), text, world.proprio())
+                for a in chunk[:execute]:
+                    success = world.step(a) or success
+                    if frames is not None:
+                        seen.append(world.render())
+                    if success or world.steps >= max_steps:
+                        break
+            results.append((success, world.nearest_marker() == named if len(world.markers) else None, world.between()))
+            if frames is not None:
+                frames.append(seen)
+    finally:
+        world.close()
+    return results
+
 def closed_loop(vla: model.VLA, tasks: list[str], episodes: int, variation: sim.Variation, split: str = "train") -> dict:
     """Success per task on evaluation seed 0's fresh layouts (eval.py success's first seed)."""
     vla.eval()
     out = {}
     for task in tasks:
         seeds, instruction = data.eval_seeds(task, 0, episodes), partial(sim.World.instruction, split=split)
-        out[task] = float(np.mean([ok for ok, _, _ in sim.run_policy(policy(vla), task, seeds, instruction, variation, vla.cfg.image_size)]))
+        out[task] = float(np.mean([ok for ok, _, _ in run_policy(policy(vla), task, seeds, instruction, variation, vla.cfg.image_size)]))
     vla.train()
     return out
 

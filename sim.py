@@ -1,10 +1,8 @@
 """The robot world: Meta-World v3, a fast headless renderer, projection, experts, language, scenes.
 
-A `World` wraps one Meta-World task: seeded layouts, RGB frames from a free camera (and the
-wrist camera), the exact projection of world points into it, the scripted expert, flat
-recolouring. Each of the 50 tasks has an instruction template, two paraphrases and a held-out
-paraphrase never paired with actions. World xyz in metres (x right of the robot, y away, z up);
-pixels (u, v), u right, v down, pixel (i, j) covering [i, i+1) x [j, j+1).
+A `World` wraps one task: seeded layouts, frames from a free (and the wrist) camera, exact projection,
+the scripted expert, flat recolouring, coloured goal markers. Each task has a template, 2 paraphrases
+and a held-out one. xyz in metres (x right of the robot, y away, z up); pixels (u, v), u right, v down.
 """
 import ctypes.util, os, re
 from dataclasses import dataclass
@@ -92,20 +90,17 @@ def check_task(task: str) -> str:
     return name
 
 def instructions(task: str, color: str | None = None, split: str = "train", marker: str | None = None) -> list[str]:
-    """Instruction texts: 'train' (template + 2 paraphrases), 'heldout' (1, never with actions) or
-    'all'; with a marker colour word, a grounded task's texts name the goal marker by it."""
+    """'train' (template + 2 paraphrases), 'heldout' (1, never with actions) or 'all' texts; a grounded
+    task's name the goal marker by its colour word."""
     noun, texts = MARKER_TEXT[task] if marker and task in MARKER_TEXT else TEXT[check_task(task)]
     obj = f"{color} {noun}" if color else noun
     out = [t.strip().format(o=obj, m=marker) for t in texts.split("|")]
     return {"train": out[:3], "heldout": out[3:], "all": out}[split]
 
 # --- Scene variation: flat colours and camera jitter. -----------------------------------------
-PALETTE = {
-    "red": (0.85, 0.1, 0.1), "green": (0.1, 0.7, 0.2), "blue": (0.1, 0.3, 0.9),
-    "yellow": (0.95, 0.85, 0.1), "orange": (1.0, 0.5, 0.0), "purple": (0.55, 0.2, 0.75),
-    "pink": (1.0, 0.45, 0.7), "cyan": (0.0, 0.8, 0.85), "white": (0.95, 0.95, 0.95),
-    "black": (0.08, 0.08, 0.08), "gray": (0.5, 0.5, 0.5), "brown": (0.45, 0.28, 0.12),
-}
+PALETTE = {"red": (0.85, 0.1, 0.1), "green": (0.1, 0.7, 0.2), "blue": (0.1, 0.3, 0.9), "yellow": (0.95, 0.85, 0.1),
+           "orange": (1.0, 0.5, 0.0), "purple": (0.55, 0.2, 0.75), "pink": (1.0, 0.45, 0.7), "cyan": (0.0, 0.8, 0.85),
+           "white": (0.95, 0.95, 0.95), "black": (0.08, 0.08, 0.08), "gray": (0.5, 0.5, 0.5), "brown": (0.45, 0.28, 0.12)}
 MARKER_RGBA = (0.1, 1.0, 0.1, 1.0)  # the goal marker: bright green, enlarged from
 MARKER_RADIUS = 0.035  # Meta-World's 2 cm site so that it is ~5 px wide at 64 px
 # The grounded tasks: K coloured markers, one the goal, named only by its colour ("{m}").
@@ -113,14 +108,12 @@ MARKER_TEXT = {
     "reach": ("puck", "reach the {m} marker | move the gripper to the {m} marker | touch the {m} marker | put your hand on the {m} dot"),
     "push": ("puck", "push the {o} to the {m} marker | slide the {o} to the {m} marker | move the {o} onto the {m} marker | nudge the {o} over to the {m} dot"),
 }
-# Where the markers go (x, y; z from the task's goal range), and how far apart: more than twice
-# Meta-World's 5 cm success radius, so which marker was reached is never in doubt.
+# Where markers go (x, y; z: the goal range's), and apart by > 2 x the 5 cm success radius.
 MARKER_REGION, MARKER_GAP = ((-0.18, 0.78), (0.18, 0.92)), 0.12
 
 def parse_color(text: str) -> tuple[str, tuple[float, float, float]]:
-    """'blue', 'r,g,b' (0-255 or 0-1) or 'name=r,g,b' -> (colour word, rgb in [0, 1]). A new word
-    (e.g. 'teal=0,0.5,0.5') goes verbatim into instructions and ETC answers, its RGB into the
-    render; a bare RGB is named after the nearest palette entry."""
+    """'blue', 'r,g,b' (0-255 or 0-1) or 'name=r,g,b' -> (word, rgb in [0, 1]). A new word goes verbatim
+    into instructions and ETC answers; a bare RGB is named after the nearest palette entry."""
     if text in PALETTE:
         return text, PALETTE[text]
     name, eq, values = text.rpartition("=")
@@ -201,8 +194,7 @@ class World:
         self.task, self.size, self.variation, self.base_camera = check_task(task), image_size, variation, camera
         self.camera, self.wrist = camera, wrist
         env = ALL_V3_ENVIRONMENTS[f"{self.task}-v3"]()
-        # Goal-observable, and a fresh layout drawn from env.np_random at every reset.
-        env._partially_observable = False
+        env._partially_observable = False  # goal-observable, and a fresh layout at every reset (below)
         if variation.markers and self.task in MARKER_TEXT:  # the observation clips the goal to this box
             (x0, y0), (x1, y1), g = *MARKER_REGION, env.goal_space
             env.goal_space = type(g)(np.minimum(g.low, (x0, y0, g.low[2])), np.maximum(g.high, (x1, y1, g.high[2])))
@@ -216,8 +208,7 @@ class World:
         self.hand_bodies = set(self._subtree(self.model.body("hand").id))
         self.object_bodies = set(self._subtree(self.model.geom_bodyid[self.object_geoms[0][0]]))
         self._recolour()
-        # Fast rendering: the offscreen buffer at image size, no multisampling, no shadows
-        # or reflections; 10-15x faster than gym's render() at 64-84 px.
+        # Fast: an offscreen buffer at image size, no multisampling, shadows or reflections (10-15x gym's)
         vis = self.model.vis
         vis.global_.offwidth = vis.global_.offheight = image_size
         vis.quality.offsamples, vis.global_.fovy = 0, camera.fovy
@@ -225,9 +216,8 @@ class World:
             self.renderer = mujoco.Renderer(self.model, image_size, image_size)
         except Exception as err:  # the GL libraries are missing or broken
             raise RuntimeError(GL_HELP.format(gl=os.environ.get("MUJOCO_GL"), err=err)) from err
-        for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
-                     mujoco.mjtRndFlag.mjRND_SKYBOX):
-            self.renderer.scene.flags[flag] = 0  # 19 -> ~190 frames/s at 64 px
+        for flag in ("mjRND_SHADOW", "mjRND_REFLECTION", "mjRND_SKYBOX"):
+            self.renderer.scene.flags[getattr(mujoco.mjtRndFlag, flag)] = 0  # 19 -> ~190 frames/s at 64 px
         self.option = mujoco.MjvOption()
         self.option.sitegroup[:] = 0  # hide every site; the goal marker is drawn by us
         self.free_cam = mujoco.MjvCamera()
@@ -275,16 +265,14 @@ class World:
         self.obs, self.steps = obs, 0
         rng = np.random.default_rng([seed, 7])
         self.camera = jitter_camera(self.base_camera, self.variation.camera_jitter, rng)
-        self.markers, self.marker_colors, self.marker_words, self.marker_rgb = np.zeros((0, 3)), [], (), ()
-        self.goal_marker = -1
+        self.markers, self.marker_colors, self.marker_words, self.marker_rgb, self.goal_marker = np.zeros((0, 3)), [], (), (), -1
         if self.variation.markers and self.task in MARKER_TEXT:
             self._place_markers(np.random.default_rng([seed, 11]))
         return self.obs
 
     def _place_markers(self, rng: np.random.Generator):
-        """K markers at least MARKER_GAP apart with distinct colours, the first the goal; in an
-        ambiguous episode the second has the goal's colour and the goal is one of the two, 50/50.
-        The env's target and the expert's observation move to the goal."""
+        """K markers MARKER_GAP apart, distinct colours, the first the goal (ambiguous: the second has its
+        colour and the goal is either, 50/50); the env's target and the expert's observation follow."""
         var, (low, high), k = self.variation, MARKER_REGION, self.variation.markers
         z_low, z_high = self.env.goal_space.low[2], self.env.goal_space.high[2]
         if not 2 <= k <= len(var.marker_colors) + bool(var.goal_colors):
@@ -308,8 +296,7 @@ class World:
         self.obs[-3:] = self.env._target_pos  # the goal-observable expert reads it here
 
     def step(self, action: np.ndarray) -> bool:
-        """Apply one action in [-1, 1]^4 (dx, dy, dz, grip); returns Meta-World's success (with
-        markers: at any marker of the goal's colour, within Meta-World's 5 cm)."""
+        """Apply an action in [-1, 1]^4 (dx, dy, dz, grip); Meta-World's success, or within 5 cm of the goal's twin."""
         self.obs, _, _, _, info = self.env.step(np.clip(action, -1.0, 1.0).astype(np.float32))
         self.steps += 1
         return bool(info["success"]) or any(self.distances()[i] <= 0.05 for i in self.goals())
@@ -318,15 +305,14 @@ class World:
         """The markers of the goal's colour: the goal, and its twin in an ambiguous layout."""
         return [i for i, w in enumerate(self.marker_words) if w == self.marker_words[self.goal_marker]] if len(self.markers) else []
 
-    def distances(self) -> np.ndarray:
-        """(K,) distance of the hand (reach) or the object (push) to each marker."""
+    def distances(self, points: np.ndarray | None = None) -> np.ndarray:
+        """(K,) distance of the hand (reach) or the object (push) to each marker (or to each of points)."""
         end = self.hand() if self.task == "reach" else self.objects()[0]
-        return np.linalg.norm(self.markers - end, axis=1)
+        return np.linalg.norm((self.markers if points is None else points) - end, axis=1)
 
     def expert_action(self) -> np.ndarray:
         return np.clip(self.expert.get_action(self.obs), -1.0, 1.0).astype(np.float32)
 
-    # -- state ---------------------------------------------------------------------------
     def hand(self) -> np.ndarray:
         return self.env.tcp_center.copy()  # between the fingertips
 
@@ -370,27 +356,22 @@ class World:
         return int(np.argmin(self.distances())) if len(self.markers) else -1
 
     def between(self) -> bool | None:
-        """Ambiguous layouts: whether the hand (reach) or object (push) is nearer the midpoint of the
-        two goals than either goal (a regression that averaged the two modes); else None."""
-        alike = self.goals()
-        if len(alike) < 2:
+        """Ambiguous layouts: whether the hand (reach) or object (push) is nearer the two goals'
+        midpoint than either (what a regression that averages the two modes does); else None."""
+        if len(alike := self.goals()) != 2:
             return None
-        end = self.hand() if self.task == "reach" else self.objects()[0]
-        d = np.linalg.norm(np.vstack([self.markers[alike].mean(0), self.markers[alike]]) - end, axis=1)
+        d = self.distances(np.vstack([self.markers[alike].mean(0), self.markers[alike]]))
         return bool(d[0] < d[1:].min())
 
     def instruction(self, mode: str = "right", split: str = "train") -> tuple[str, int]:
         """This layout's instruction and the marker it names: 'right' names the goal's colour,
         'wrong' another marker's, 'empty' nothing (the goal counts as named)."""
-        if mode == "empty":
-            return "", self.goal_marker
-        named = self.goal_marker
+        named, words = self.goal_marker, self.marker_words
         if mode == "wrong" and len(self.markers):
-            named = next(i for i, w in enumerate(self.marker_words) if w != self.marker_words[self.goal_marker])
-        word = self.marker_words[named] if len(self.markers) else None
-        return instructions(self.task, self.variation.color_word(), split, marker=word)[0], named
+            named = next(i for i, w in enumerate(words) if w != words[self.goal_marker])
+        text = instructions(self.task, self.variation.color_word(), split, marker=words[named] if words else None)[0]
+        return ("" if mode == "empty" else text), named
 
-    # -- rendering -----------------------------------------------------------------------
     def render(self) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """(H, W, 3) uint8 from the scene camera; with wrist=True also the wrist view."""
         cam, fc = self.camera, self.free_cam
@@ -409,41 +390,11 @@ class World:
     @staticmethod
     def _draw_marker(scene: mujoco.MjvScene, xyz: np.ndarray, rgba: tuple):
         """Append a sphere to the scene: visible in the image, invisible to the physics."""
-        if scene.ngeom >= scene.maxgeom:
-            return
-        mujoco.mjv_initGeom(scene.geoms[scene.ngeom], mujoco.mjtGeom.mjGEOM_SPHERE,
-                            np.array([MARKER_RADIUS, 0, 0]), xyz, np.eye(3).ravel(),
-                            np.array(rgba, dtype=np.float32))
-        scene.ngeom += 1
+        if scene.ngeom < scene.maxgeom:
+            mujoco.mjv_initGeom(scene.geoms[scene.ngeom], mujoco.mjtGeom.mjGEOM_SPHERE, np.array([MARKER_RADIUS, 0, 0]),
+                                xyz, np.eye(3).ravel(), np.array(rgba, dtype=np.float32))
+            scene.ngeom += 1
 
     def close(self):
         self.renderer.close()
         self.env.close()
-
-def run_policy(policy, task: str, seeds: list[int], instruction, variation: Variation = Variation(),
-               image_size: int = 64, max_steps: int = 200, execute: int = 8, frames: list | None = None) -> list[tuple]:
-    """Closed-loop episodes, one per layout seed: (success at any step, whether the episode ended
-    nearest the named marker, whether between two alike goals; None where it does not apply).
-    policy(image (H, W, 3) uint8, text, proprio
-    (4,)) -> actions (K, 4) in [-1, 1], the first `execute` run before asking again. instruction:
-    a text, or World -> (text, named marker); frames: a list gets each episode's images."""
-    world, results = World(task, image_size, variation), []
-    try:
-        for seed in seeds:
-            world.seed(seed)
-            text, named = instruction(world) if callable(instruction) else (instruction, world.goal_marker)
-            success, seen = False, []
-            while world.steps < max_steps and not success:
-                chunk = policy(world.render(), text, world.proprio())
-                for a in chunk[:execute]:
-                    success = world.step(a) or success
-                    if frames is not None:
-                        seen.append(world.render())
-                    if success or world.steps >= max_steps:
-                        break
-            results.append((success, world.nearest_marker() == named if len(world.markers) else None, world.between()))
-            if frames is not None:
-                frames.append(seen)
-    finally:
-        world.close()
-    return results
