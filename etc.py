@@ -235,7 +235,7 @@ def error(kind: str, pred: str, answer: str) -> float:
     shapes differ). Words: 0 for an exact match, inf otherwise."""
     if kind not in COORDS:
         return 0.0 if pred.strip() == answer else math.inf
-    got, want = (np.array([int(x) for x in re.findall(r"\d+", t)]) for t in (pred, answer))
+    got, want = (np.array([float(x) for x in re.findall(r"\d+", t)]) for t in (pred, answer))  # float: '99..9' too
     if got.shape != want.shape:
         return math.inf
     return float(np.linalg.norm((got - want).reshape(-1, 2), axis=1).mean())

@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
 # The whole bridgevla pipeline on the tiny CPU default (about 55 minutes on 2 cores), in the
 # grounded world: reach and push show 3 coloured markers and the instruction names the goal's
-# colour. Each step writes under data/ or out/ and is skipped when its output exists;
-# OVERWRITE=1 redoes all.
+# colour. Each step writes under data/ or out/ and is skipped when its output exists; a
+# training run cut off part-way resumes exactly. OVERWRITE=1 redoes all.
 set -euo pipefail
 cd "$(dirname "$0")"
 OW=${OVERWRITE:+--overwrite}
 have() { [ -e "$1" ] && [ -z "$OW" ]; }
 run() { local t=$SECONDS; "$@"; echo "[pipeline] $* : $((SECONDS - t)) s"; }
+# train OUT SCRIPT ARGS...: skipped when OUT holds all of its steps, resumed when it holds some.
+train() {
+  local out=$1; shift
+  if [ -z "$OW" ] && [ -e "$out/train_state.pt" ]; then
+    python -c "import json, sys; p = json.load(open('$out/config.json'))['provenance']; sys.exit(p['steps_done'] < p['config']['steps'])" \
+      && return 0
+    run python "$@" --out "$out" --resume
+  else
+    run python "$@" --out "$out" $OW
+  fi
+}
 # A black puck (the default dark red vanishes against the red arm); in a quarter of the layouts
 # two markers share the goal's colour (multimodal demonstrations, for the one-step students).
 WORLD="--variation.markers 3 --variation.object-color black --variation.ambiguous 0.25"
@@ -29,19 +40,18 @@ have data/ood/etc.jsonl || run python etc.py --data data/ood --paraphrases heldo
 
 # 4. The three stages: Distribution Bridging, Objective Bridging, Retentive Adaptation
 #    (evaluated below by eval.py, so not again at the end of training).
-have out/stage1 || run python train_etc.py $OW
-have out/stage2 || run python train_vla.py --stage 2 --eval-episodes 0 $OW
-have out/stage3 || run python train_vla.py --stage 3 --eval-episodes 0 $OW
+train out/stage1 train_etc.py
+train out/stage2 train_vla.py --stage 2 --eval-episodes 0
+train out/stage3 train_vla.py --stage 3 --eval-episodes 0
 
 # 4b. Baselines from the same stage 1 / stage 2: stage 2 with actions only (retention), and
 #     stage 3 without the OOD ETC (what the novel words owe to it).
-have out/stage2_action_only || run python train_vla.py --stage 2 --etc-start 0 --etc-end 0 \
-    --out out/stage2_action_only --eval-episodes 0 $OW
-have out/stage3_no_ood || run python train_vla.py --stage 3 --etc-data data/target --out out/stage3_no_ood --eval-episodes 0 $OW
+train out/stage2_action_only train_vla.py --stage 2 --etc-start 0 --etc-end 0 --eval-episodes 0
+train out/stage3_no_ood train_vla.py --stage 3 --etc-data data/target --eval-episodes 0
 
 # 5. One-step students of the stage-3 teacher: SDM (dual teacher) and the CD baseline.
-have out/sdm || run python distill_sdm.py $OW
-have out/cd || run python distill_sdm.py --method cd $OW
+train out/sdm distill_sdm.py
+train out/cd distill_sdm.py --method cd
 
 # 6. Evaluation on the same fixed layouts for every policy: 2 seeds x 10 per task and condition.
 E="python eval.py success --seeds 0 1"

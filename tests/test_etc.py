@@ -153,3 +153,13 @@ def test_phase_labels_follow_a_pick_and_place():
     assert p[0] == "approach" and p[11] == "grasp" and p[20] == "lift" and p[30] == "move to goal"
     assert p[36] == "release" and p[39] == "done"
     assert set(etc.label_phases(hand, grip, obj, contact, success, "reach")) == {"move to goal", "done"}
+
+
+def test_scoring_grades_words_and_points_and_survives_any_generated_text():
+    recs = [dict(level="scene", kind="point", answer="30 40"), dict(level="scene", kind="color", answer="blue"),
+            dict(level="task", kind="point", answer="10 10"), dict(level="planning", kind="trajectory", answer="1 1, 2 2")]
+    preds = ["31 43", "blue", "99999999999999999999999 7", "1 1, 2"]  # 3.2 px off; exact; absurd; wrong shape
+    s = etc.scores(recs, preds)
+    assert s["scene"] == dict(acc=1.0, n=2, px_err=pytest.approx(10 ** 0.5))
+    assert s["task"]["acc"] == 0.0 and s["planning"] == dict(acc=0.0, n=1, px_err=None)
+    assert etc.error("color", "red", "blue") == float("inf") and etc.error("point", "", "1 2") == float("inf")
