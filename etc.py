@@ -25,7 +25,7 @@ import data, sim
 
 LEVELS = ("scene", "task", "planning")  # the paper's three ETC levels
 PHASES = ("approach", "grasp", "lift", "move to goal", "release", "push", "pull", "done")
-COORDS = ("point", "box", "contact", "trajectory")  # kinds whose answers are pixel coordinates
+COORDS = ("point", "box", "contact", "trajectory", "marker", "goal")  # kinds whose answers are pixel coordinates
 SECOND_NOUN = {"hammer": "nail", "stick-push": "thermos", "stick-pull": "thermos"}
 
 # --- Phases: the sub-goal plan of an episode, labelled by rules -------------------------------
@@ -116,12 +116,12 @@ def for_frame(a: dict, i: int, frames: np.ndarray, task: str, nouns: list[str], 
         out.append(("scene", "point", "where is the goal?", pt(a["goal_px"][i])))
     if goal >= 0:  # coloured markers: each unique colour's place, the colour nearest the gripper, the goal
         names = [words[c] for c in a["marker_color"][i]]
-        out += [("scene", "point", f"where is the {w} marker?", pt(uv))
+        out += [("scene", "marker", f"where is the {w} marker?", pt(uv))
                 for w, uv in zip(names, a["markers_px"][i]) if names.count(w) == 1 and inside(uv, size)]
         near = np.argmin(np.linalg.norm(a["markers"][i] - a["hand"][i], axis=1))
-        out.append(("scene", "color", "what colour is the marker nearest the gripper?", names[near]))
+        out.append(("scene", "nearest", "what colour is the marker nearest the gripper?", names[near]))
         if inside(a["markers_px"][i, goal], size):
-            out.append(("task", "point", f"where is the goal of: {instruction}?", pt(a["markers_px"][i, goal])))
+            out.append(("task", "goal", f"where is the goal of: {instruction}?", pt(a["markers_px"][i, goal])))
         out.append(("planning", "relation", f"where is the gripper relative to the {names[goal]} marker?",
                     relation(a["hand"][i], a["markers"][i, goal], a["camera"][i])))
     out.append(("scene", "gripper", "is the gripper open or closed?", "open" if a["proprio"][i, 3] > 0.5 else "closed"))
@@ -240,12 +240,12 @@ def error(kind: str, pred: str, answer: str) -> float:
         return math.inf
     return float(np.linalg.norm((got - want).reshape(-1, 2), axis=1).mean())
 
-def scores(recs: list[dict], preds: list[str], tol: float = 4.0) -> dict:
-    """Per level: accuracy (exact words; coordinates within `tol` px) and the median pixel
-    error of the coordinate answers that have the right shape."""
+def scores(recs: list[dict], preds: list[str], tol: float = 4.0, by: str = "level") -> dict:
+    """Per level (or per kind, by='kind'): accuracy (exact words; coordinates within `tol` px) and
+    the median pixel error of the coordinate answers that have the right shape."""
     out = {}
-    for lv in LEVELS:
-        pairs = [(r, p) for r, p in zip(recs, preds) if r["level"] == lv]
+    for lv in (LEVELS if by == "level" else sorted({r["kind"] for r in recs})):
+        pairs = [(r, p) for r, p in zip(recs, preds) if r[by] == lv]
         if pairs:
             errs = [error(r["kind"], p, r["answer"]) for r, p in pairs]
             px = [e for (r, _), e in zip(pairs, errs) if r["kind"] in COORDS and e < math.inf]

@@ -49,7 +49,7 @@ class EtcAccuracy:
     ckpt: str = "out/stage3"
     data: tuple[str, ...] = ("data/source",)  # datasets whose held-out ETC records are asked
     holdout: int = 10  # every holdout-th episode is held out, as in training
-    limit: int = 300  # records asked (an even spread over the held-out ones)
+    limit: int = 600  # records asked (an even spread over the held-out ones)
     name: str | None = None
     out: str = "out/eval"
 
@@ -180,9 +180,10 @@ def etc_accuracy(cfg: EtcAccuracy) -> dict:
     if not recs:
         raise data.DataError(f"no held-out ETC records in {cfg.data} (every {cfg.holdout}th episode); lower --holdout")
     recs = recs[::max(1, len(recs) // cfg.limit)][:cfg.limit]
-    scores = scaffold.etc_accuracy(vla, recs)
+    answers = scaffold.etc_answers(vla, recs)
+    scores, kinds = (etc.scores([r for _, r in recs], answers, by=by) for by in ("level", "kind"))
     name = cfg.name or f"etc_{Path(cfg.ckpt).name}"
-    result = dict(kind="etc", name=name, ckpt=cfg.ckpt, records=len(recs), scores=scores, config=asdict(cfg))
+    result = dict(kind="etc", name=name, ckpt=cfg.ckpt, records=len(recs), scores=scores, kinds=kinds, config=asdict(cfg))
     write_result(Path(cfg.out), result)
     print(json.dumps(result["scores"]))
     return result
@@ -248,6 +249,11 @@ def report_markdown(cfg: Report) -> str:
                 "| checkpoint | " + " | ".join(etc.LEVELS) + " | records |", "|---" * (len(etc.LEVELS) + 2) + "|"]
         out += [f"| {r['ckpt']} | " + " | ".join(cell(r["scores"][lv]) if lv in r["scores"] else "" for lv in etc.LEVELS)
                 + f" | {r['records']} |" for r in etcs]
+        kinds = sorted({k for r in etcs for k in r.get("kinds", {})})
+        if kinds:  # the same answers per question kind (marker, goal, nearest: the grounded world's)
+            out += ["", "| checkpoint | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+            out += [f"| {r['ckpt']} | " + " | ".join(cell(r["kinds"][k]) if k in r.get("kinds", {}) else "" for k in kinds)
+                    + " |" for r in etcs]
         out.append("")
     for r in (r for r in res if r["kind"] == "cka"):
         out += [f"**Representation drift**, linear CKA per VLM layer (embeddings first), {r['a']} vs {r['b']}, "

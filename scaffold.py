@@ -196,9 +196,12 @@ def closed_loop(vla: model.VLA, tasks: list[str], episodes: int, variation: sim.
     vla.train()
     return out
 
+def etc_accuracy(vla: model.VLA, items: list[tuple], by: str = "level") -> dict:
+    """Greedy answers to (dataset, record) ETC items, scored per level (or kind) by etc.scores."""
+    return etc.scores([r for _, r in items], etc_answers(vla, items), by=by)
+
 @torch.no_grad()
-def etc_accuracy(vla: model.VLA, items: list[tuple], batch: int = 32, max_new: int = 32) -> dict:
-    """Greedy answers to (dataset, record) ETC items, scored per level by etc.scores."""
+def etc_answers(vla: model.VLA, items: list[tuple], batch: int = 32, max_new: int = 32) -> list[str]:
     was_training, preds = vla.training, []
     vla.eval()
     tok = vla.tokenizer
@@ -208,4 +211,4 @@ def etc_accuracy(vla: model.VLA, items: list[tuple], batch: int = 32, max_new: i
                             tok.eos_token_id, tok.pad_token_id).tolist()
         preds += [tok.decode(r[:r.index(tok.eos_token_id)] if tok.eos_token_id in r else r) for r in rows]
     vla.train(was_training)
-    return etc.scores([r for _, r in items], preds)
+    return preds

@@ -66,7 +66,8 @@ def test_etc_answers_agree_with_the_simulator(dataset):
 
 ANSWER = {  # kind -> the answer's exact shape
     "point": r"\d+ \d+", "box": r"\d+ \d+ \d+ \d+", "trajectory": r"(\d+ \d+, ){4}\d+ \d+",
-    "gripper": r"open|closed", "done": r"yes|no", "color": r"[a-z]+", "contact": r"\d+ \d+",
+    "gripper": r"open|closed", "done": r"yes|no", "color": r"[a-z]+", "contact": r"\d+ \d+", "marker": r"\d+ \d+",
+    "goal": r"\d+ \d+", "nearest": r"[a-z]+",
     "subgoal": "|".join(etc.PHASES),
     "relation": r"(left|right|aligned), (above|below|level), (in front|behind|level)",
     "motion": r"(stay|left|right|up|down|toward the camera|away from the camera)( and (open|close) the gripper)?",
@@ -126,9 +127,9 @@ def test_marker_etc_is_exact_and_carries_a_novel_goal_word(tmp_path):
             for r in mine:
                 if r["question"].startswith("where is the goal of:"):
                     assert "the teal marker" in r["question"] and r["answer"] == px["teal"]
-                elif r["question"].endswith(" marker?") and r["kind"] == "point":
+                elif r["kind"] == "marker":
                     assert r["answer"] == px[r["question"].split()[3]]
-            assert {r["kind"] for r in mine} >= {"point", "color", "relation"}
+            assert {r["kind"] for r in mine} >= {"marker", "goal", "nearest", "relation"}
             assert sum(r["question"].startswith("where is the goal of:") for r in mine) > 0
     finally:
         w.close()
