@@ -197,6 +197,7 @@ def bench_latency(cfg: Bench) -> list[str]:
     return rows + [f"| floor: 1 prefix pass + 1 expert pass | 1 | | | {floor:.2f} | {t_e2e / floor:.1f}x | 1.00x |"]
 
 def main(cfg: Bench):
+    import sim  # noqa: F401  (it picks MuJoCo's OpenGL backend, which the header reports)
     head = (f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}, numpy {np.__version__}")
     print(head)
