@@ -183,6 +183,7 @@ class Dataset:
             raise DataError(f"{self.path} has {self.meta['image_size']} px images, the model expects "
                             f"{image_size}; collect with --image-size {image_size}")
         self.tasks = list(self.meta["tasks"])
+        self.marker_words = [sim.parse_color(c)[0] for c in self.meta["marker_colors"]]  # marker_color indexes these
         if not self.tasks:
             raise DataError(f"{self.path} is empty; collect it again")
         names = ARRAYS + ("actions",) * self.meta["has_actions"] + ("wrist",) * self.meta["wrist"]
@@ -250,7 +251,7 @@ def goal_word(ds: Dataset, task: str, i: int) -> str | None:
     """The colour word of frame i's goal marker (None without markers), as its instruction names it."""
     a = ds.arrays[task]
     k = int(a["goal_marker"][i])
-    return sim.parse_color(ds.meta["marker_colors"][a["marker_color"][i, k]])[0] if k >= 0 else None
+    return ds.marker_words[a["marker_color"][i, k]] if k >= 0 else None
 
 class ActionSamples:
     """(image, instruction, proprio, action chunk) samples of every frame with actions."""

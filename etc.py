@@ -156,7 +156,6 @@ class Etc:
 def records(ds: data.Dataset, every: int = 4, paraphrases: str = "train", seed: int = 0) -> list[dict]:
     """All ETC records of a dataset, deterministic in (dataset, every, paraphrases, seed)."""
     rng, color, size, recs = np.random.default_rng(seed), ds.meta["color"], ds.meta["image_size"], []
-    words = [sim.parse_color(c)[0] for c in ds.meta["marker_colors"]]
     for task in ds.tasks:
         a = {k: np.asarray(v) for k, v in ds.arrays[task].items() if k not in ("images", "wrist")}
         eps = ds.episode_frames(task)
@@ -168,7 +167,7 @@ def records(ds: data.Dataset, every: int = 4, paraphrases: str = "train", seed: 
             texts = sim.instructions(task, color, paraphrases, marker=data.goal_word(ds, task, frames[0]))
             instruction = texts[rng.integers(len(texts))]
             for i in frames[::every]:
-                for level, kind, q, ans in for_frame(a, int(i), frames, task, nouns, color, instruction, size, words):
+                for level, kind, q, ans in for_frame(a, int(i), frames, task, nouns, color, instruction, size, ds.marker_words):
                     recs.append(dict(task=task, frame=int(i), episode=ep, step=int(a["step"][i]),
                                      level=level, kind=kind, question=q, answer=ans))
     return recs

@@ -79,8 +79,8 @@ def init_worker(ckpt: str, steps: int | None):
     POLICY["vla"], POLICY["steps"] = model.load(ckpt), steps
 
 def run_job(job: tuple) -> tuple:
-    """One (task, condition, seed) block of episodes -> (job, [(success, named) per episode],
-    frames or None, the instruction texts)."""
+    """One (task, condition, seed) block of episodes -> (job, [(success, named, between) per
+    episode], frames or None, the instruction texts)."""
     task, cond, seed, cfg = job
     vla, variation, texts = POLICY["vla"], sim.Variation(**cond), []
 
@@ -133,7 +133,7 @@ def write_gif(path: Path, frames: list[np.ndarray], scale: int = 3):
     images[0].save(path, save_all=True, append_images=images[1:], duration=50, loop=0)
 
 def success(cfg: Success) -> dict:
-    for c in cfg.object_colors + cfg.table_colors:
+    for c in cfg.object_colors + cfg.table_colors + (cfg.goal_colors or ()):
         sim.parse_color(c)  # an unknown colour or task stops here, with the list of valid ones
     ds = data.Dataset(cfg.data)
     tasks = [sim.check_task(t) for t in cfg.tasks] or ds.tasks
@@ -144,8 +144,6 @@ def success(cfg: Success) -> dict:
         raise model.CheckpointError(f"{cfg.ckpt} takes {vla.cfg.image_size} px images; {cfg.data} has {ds.meta['image_size']} px")
     given = {k: getattr(cfg, k) for k in ("camera_jitter", "goal_colors", "ambiguous") if getattr(cfg, k) is not None}
     base = {**asdict(sim.Variation(**ds.meta["variation"])), **given}
-    for c in base["goal_colors"]:
-        sim.parse_color(c)
     conds = [dict(base, object_color=o, table_color=t) for o, t in itertools.product(
         cfg.object_colors or [base["object_color"]], cfg.table_colors or [base["table_color"]])]
     label = lambda c: ", ".join(f"{k.split('_')[0]} {'/'.join(map(str, c[k])) if isinstance(c[k], (list, tuple)) else c[k]}"

@@ -162,9 +162,9 @@ def run_policy(policy, task: str, seeds: list[int], instruction, variation: sim.
                image_size: int = 64, max_steps: int = 200, execute: int = 8, frames: list | None = None) -> list[tuple]:
     """Closed-loop episodes, one per layout seed: (success at any step, whether the episode ended
     nearest the named marker, whether between two alike goals; None where it does not apply).
-    policy(image (H, W, 3) uint8, text, proprio
-    (4,)) -> actions (K, 4) in [-1, 1], the first `execute` run before asking again. instruction:
-    a text, or World -> (text, named marker); frames: a list gets each episode's images."""
+    policy(image (H, W, 3) uint8, text, proprio (4,)) -> actions (K, 4) in [-1, 1], the first
+    `execute` run before asking again. instruction: a text, or World -> (text, named marker);
+    frames: a list gets each episode's images."""
     world, results = sim.World(task, image_size, variation), []
     try:
         for seed in seeds:
