@@ -24,8 +24,9 @@ train() {
 WORLD="--variation.markers 3 --variation.object-color black --variation.ambiguous 0.25"
 NOVEL="teal=0,0.5,0.5 lime=0.6,1,0.2"  # goal colour words that no action data ever names
 
-# 1. Source domain: demonstrations of 4 tasks in the default scene, and their ETC records.
-have data/source || run python data.py collect --out data/source $WORLD $OW
+# 1. Source domain: 100 demonstrations of each of 4 tasks in the default scene (more layouts to
+#    bind colour words to places than 30 give), and their ETC records.
+have data/source || run python data.py collect --out data/source --episodes 100 $WORLD $OW
 have data/source/etc.jsonl || run python etc.py --data data/source
 
 # 2. Target domain: the same tasks on a white table, 5 demonstrations each, and their ETC.

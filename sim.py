@@ -274,7 +274,6 @@ class World:
         """K markers MARKER_GAP apart, distinct colours, the first the goal (ambiguous: the second has its
         colour and the goal is either, 50/50); the env's target and the expert's observation follow."""
         var, (low, high), k = self.variation, MARKER_REGION, self.variation.markers
-        z_low, z_high = self.env.goal_space.low[2], self.env.goal_space.high[2]
         if not 2 <= k <= len(var.marker_colors) + bool(var.goal_colors):
             raise ValueError(f"--variation.markers {k}: use 2 to {len(var.marker_colors)} (the marker colours given)")
         for _ in range(1000):
@@ -283,7 +282,8 @@ class World:
                 break
         else:
             raise ValueError(f"{k} markers do not fit {MARKER_GAP} m apart in {MARKER_REGION}; use fewer")
-        z = rng.uniform(z_low, z_high, k) if self.task == "reach" else np.full(k, self.objects()[0, 2])
+        # One height (not Meta-World's random one): in one camera a sphere's height trades off against its distance.
+        z = np.full(k, (self.env.goal_space.low + self.env.goal_space.high)[2] / 2 if self.task == "reach" else self.objects()[0, 2])
         goal = (var.goal_colors or var.marker_colors)[rng.integers(len(var.goal_colors or var.marker_colors))]
         others = [c for c in var.marker_colors if c != goal]
         ambiguous = rng.random() < var.ambiguous

@@ -198,6 +198,19 @@ def test_markers_are_apart_distinct_and_named_in_the_instruction():
         w.close()
 
 
+def test_reach_markers_float_at_one_height():
+    """From one camera a floating sphere's height trades off against its distance: one height keeps the goal unique."""
+    w = sim.World("reach", variation=sim.Variation(markers=3))
+    try:
+        heights = set()
+        for s in range(5):
+            w.seed(s)
+            heights |= set(np.round(w.markers[:, 2], 6))
+        assert len(heights) == 1, heights
+    finally:
+        w.close()
+
+
 def test_novel_goal_colours_name_only_the_goal():
     var = sim.Variation(markers=3, goal_colors=("teal=0,0.5,0.5", "lime=0.6,1,0.2"))
     w = sim.World("reach", variation=var)
