@@ -5,7 +5,7 @@
         --instruction "push the yellow puck to the green dot"   # any colour, any instruction text
     python eval.py etc --ckpt out/stage2                        # ETC accuracy per level, held-out frames
     python eval.py cka --a out/stage1 --b out/stage2            # layer-wise linear CKA between two checkpoints
-    python eval.py report                                       # the results tables from out/eval/ and out/bench.md
+    python eval.py report                                       # the tables: out/eval/, out/bench.md, results/*/
 
 Each command writes out/eval/<name>.json; `report --readme README.md` writes the README's results.
 """
@@ -68,6 +68,7 @@ class Report:
     """The results tables (markdown) from out/eval/*.json and bench.py's out/bench.md."""
     results: str = "out/eval"
     bench: str = "out/bench.md"
+    tables: str = "results"  # experiment tables: every <tables>/<table>/table.json (experiments/run.py)
     readme: str | None = None  # also replace the README's generated section (between its markers)
 
 # --- Closed-loop success ----------------------------------------------------------------------
@@ -217,6 +218,81 @@ def cka(cfg: Cka) -> dict:
     print(name, " ".join(f"{v:.3f}" for v in layers))
     return result
 
+# --- Experiment tables: means over training seeds, 95% bootstrap intervals, verdicts -----------
+def strata(result: dict, metric: str) -> list[np.ndarray]:
+    """A result's 0/1 outcomes for a metric, per stratum: per task (success, named, between) or
+    per ETC level (rebuilt from its exact counts, acc = k / n)."""
+    if result["kind"] == "etc":
+        return [np.repeat([1.0, 0.0], [round(s["acc"] * s["n"]), s["n"] - round(s["acc"] * s["n"])])
+                for s in result["scores"].values()]
+    tasks = {}
+    for e in result["episodes"]:
+        tasks.setdefault(e["task"], []).extend(x for x in e[metric] if x is not None)
+    return [np.array(v, float) for v in tasks.values() if v]
+
+def resampled(seeds: list[list[np.ndarray]], rng: np.random.Generator, reps: int) -> np.ndarray:
+    """(seeds, reps): each seed's pooled rate with its outcomes resampled within their strata."""
+    out = np.zeros((len(seeds), reps))
+    for i, strata_ in enumerate(seeds):
+        n = sum(len(s) for s in strata_)
+        out[i] = sum(s[rng.integers(len(s), size=(reps, len(s)))].sum(1) for s in strata_) / n
+    return out
+
+def bootstrap(a: list[list[np.ndarray]], b: list[list[np.ndarray]] | None = None, reps: int = 4000,
+              seed: int = 0) -> tuple[float, float, float]:
+    """Mean over training seeds of the pooled outcome rate and its 95% percentile interval, from a
+    two-level bootstrap: resample the seeds, then each seed's outcomes within strata (tasks). With
+    b, the difference a - b, seeds paired (a[i] and b[i] share training seed i)."""
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(len(a), size=(reps, len(a)))  # (reps, seeds): the same seed draw for a and b
+    stat = lambda x: resampled(x, rng, reps)[pick, np.arange(reps)[:, None]].mean(1)  # noqa: E731
+    point = lambda x: float(np.mean([np.concatenate(s).mean() for s in x]))  # noqa: E731
+    draws, mean = (stat(a), point(a)) if b is None else (stat(a) - stat(b), point(a) - point(b))
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return mean, float(lo), float(hi)
+
+def verdict(kind: str, diff: tuple[float, float, float], margin: float) -> str:
+    """'>': the interval of the difference above 0; '~': inside +-margin."""
+    mean, lo, hi = diff
+    if kind == "~":
+        return "reproduced" if -margin <= lo and hi <= margin else "not shown (the interval leaves +-%.2f)" % margin
+    status = "reproduced" if lo > 0 else "reversed" if hi < 0 else "not shown (the interval holds 0)"
+    return status + (f"; target +{margin:.2f} {'met' if mean >= margin else 'not met'}" if margin else "")
+
+HEADS = dict(source="in-domain (source scene)", target="in-domain (target scene)", ood="novel colour words",
+             ood_source="novel colour words (source scene)",
+             uni="one goal", amb="two goals (ambiguous)", etc="ETC accuracy", named="at the named marker", between="between goals")
+
+def table_markdown(folder: Path) -> list[str]:
+    spec, found = json.loads((folder / "table.json").read_text()), {}
+    for p in folder.glob("*.s*.*.json"):
+        r = json.loads(p.read_text())
+        found.setdefault((r["cell"], r["eval"]), {})[r["train_seed"]] = r
+    def cell(c: str, column: str, seeds=None) -> list[list[np.ndarray]]:  # per training seed, in seed order
+        ev, _, metric = column.partition(":")
+        return [strata(r, metric or "success") for s, r in sorted(found.get((c, ev), {}).items()) if seeds is None or s in seeds]
+    seeds_of = lambda c, col: set(found.get((c, col.split(":")[0]), {}))  # noqa: E731
+    fmt = lambda m, lo, hi: f"{m:.2f} [{lo:.2f}, {hi:.2f}]"  # noqa: E731
+    cols = spec["columns"]
+    heads = [HEADS[c.split(":")[0]] + (f", {HEADS[c.split(':')[1]]}" if ":" in c else "") for c in cols]
+    out = [f"**{folder.name}**: {spec['title']}. Mean over training seeds [95% interval, two-level bootstrap over "
+           "seeds and episodes].", "", "| cell | " + " | ".join(heads) + " | training seeds |", "|---" * (len(cols) + 2) + "|"]
+    for c, label in spec["cells"].items():
+        seeds = sorted({s for (cc, _), v in found.items() if cc == c for s in v})
+        out.append(f"| {label} | " + " | ".join(fmt(*bootstrap(x)) if (x := cell(c, col)) else "" for col in cols)
+                   + f" | {len(seeds)} |")
+    eps = sorted({len(e["success"]) * len(r["config"]["seeds"]) for v in found.values() for r in v.values()
+                  if r["kind"] == "success" for e in r["episodes"][:1]})
+    out += ["", f"Episodes per task, cell and training seed: {', '.join(map(str, eps))}; wall-clock on this machine "
+            f"so far: {spec.get('wall_s', 0) / 3600:.1f} h (`python experiments/run.py {folder.name}`).", ""]
+    for kind, a, b, col, margin, paper in spec["verdicts"]:
+        both = seeds_of(a, col) & seeds_of(b, col)  # paired by training seed
+        said = (f"{(d := bootstrap(cell(a, col, both), cell(b, col, both)))[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}] over "
+                f"{len(both)} seed(s): {verdict(kind, d, margin)}") if both else "no results yet"
+        out.append(f"- {spec['cells'][a]} {'>' if kind == '>' else '~'} {spec['cells'][b]} ({HEADS[col.split(':')[0]]}): "
+                   f"{said}; the paper: {paper}")
+    return out + [""]
+
 # --- The results section of the README --------------------------------------------------------
 MARK = ("<!-- results: generated by `python eval.py report --readme README.md` -->", "<!-- end of results -->")
 
@@ -256,6 +332,8 @@ def report_markdown(cfg: Report) -> str:
     for r in (r for r in res if r["kind"] == "cka"):
         out += [f"**Representation drift**, linear CKA per VLM layer (embeddings first), {r['a']} vs {r['b']}, "
                 f"{r['frames']} held-out frames: " + ", ".join(f"{v:.3f}" for v in r["layers"]), ""]
+    for folder in sorted(p.parent for p in Path(cfg.tables).glob("*/table.json")):
+        out += table_markdown(folder)
     bench = Path(cfg.bench)
     if bench.is_file():
         out += ["**Speed** (`python bench.py`)", "", bench.read_text().strip(), ""]
@@ -264,7 +342,9 @@ def report_markdown(cfg: Report) -> str:
     tests = sum(len(p.read_text().splitlines()) for p in (root / "tests").glob("*.py"))
     out += ["**File map**", "", "| file | lines | concept |", "|---|---|---|"]
     out += [f"| `{f}` | {len(t.splitlines())} | {ast.get_docstring(ast.parse(t)).splitlines()[0]} |" for f, t in files.items()]
-    out += [f"| `tests/` | {tests} | pytest |", f"| core total | {sum(len(t.splitlines()) for t in files.values())} | |"]
+    exp = (root / "experiments" / "run.py").read_text()
+    out += [f"| `experiments/run.py` | {len(exp.splitlines())} | {ast.get_docstring(ast.parse(exp)).splitlines()[0]} |",
+            f"| `tests/` | {tests} | pytest |", f"| core total (top level) | {sum(len(t.splitlines()) for t in files.values())} | |"]
     return "\n".join(out) + "\n"
 
 def report(cfg: Report) -> str:

@@ -38,6 +38,7 @@ have data/target/etc.jsonl || run python etc.py --data data/target
 have data/ood || run python data.py collect --out data/ood --episodes 10 --tasks reach push --variation.table-color white \
     $WORLD --variation.goal-colors $NOVEL --no-actions $OW
 have data/ood/etc.jsonl || run python etc.py --data data/ood --paraphrases heldout
+[ "${1:-}" = data ] && exit 0  # `bash pipeline.sh data`: the datasets only (experiments/run.py uses them)
 
 # 4. The three stages: Distribution Bridging, Objective Bridging, Retentive Adaptation
 #    (evaluated below by eval.py, so not again at the end of training).

@@ -1,0 +1,188 @@
+"""Experiments: one command per paper claim, a grid of cells x training seeds -> results/<table>/.
+
+    python experiments/run.py table1                # the ETC paper's Table 1 analogue, 3 training seeds
+    python experiments/run.py sdm --seeds 0         # one training seed
+    python experiments/run.py ood --dry-run         # print the commands, run nothing
+    python eval.py report --readme README.md        # every table, with 95% intervals and verdicts
+
+A table is a set of training runs (a script, its arguments, the run it starts from), shared by
+the cells that need them, and cells that evaluate a run. Checkpoints go to
+runs/<table>/s<seed>/<run>/ (not committed): a finished run is skipped, one cut off resumes
+exactly. Each evaluation writes results/<table>/<cell>.s<seed>.<eval>.json (committed) and is
+skipped when it exists, so a table can be built over several sittings. Every cell of a table is
+evaluated on the same fixed layouts (eval.py's evaluation seeds). The datasets are the
+pipeline's grounded world (`bash pipeline.sh data` makes them when they are missing).
+"""
+import json, os, shlex, subprocess, sys, time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+NOVEL = ("teal=0,0.5,0.5", "lime=0.6,1,0.2")  # the pipeline's novel goal colour words (OOD ETC only)
+GROUNDED = ("--tasks", "reach", "push")
+# Evaluations: eval.py arguments (the checkpoint, seeds, episodes and output are added).
+EVALS = dict(
+    source=("success", "--data", "data/source"),  # in-domain, the stage-2 scene
+    target=("success", "--data", "data/target"),  # in-domain, the stage-3 scene
+    ood=("success", *GROUNDED, "--goal-colors", *NOVEL, "--paraphrases", "heldout"),  # novel words, held-out phrasings
+    ood_source=("success", *GROUNDED, "--data", "data/source", "--goal-colors", *NOVEL, "--paraphrases", "heldout"),
+    uni=("success", *GROUNDED, "--ambiguous", "0"),  # one goal of the named colour
+    amb=("success", *GROUNDED, "--ambiguous", "1"),  # two goals of the named colour (multimodal)
+    etc=("etc",),  # ETC answer accuracy on held-out source frames (retention)
+)
+ACT = ("--etc-start", "0", "--etc-end", "0")  # no ETC in the batch: action data only
+S1 = ("train_etc.py", None, ())
+# Stage 2 at 1000 steps (the pipeline's 3000 would put a table at ~4 h on 2 cores); stage 3 and the rest at theirs.
+S2, S3 = ("--stage", "2", "--steps", "1000"), ("--stage", "3")
+
+# runs: name -> (script, the run it starts from ("base" = the base VLM), arguments);
+# cells: name -> (label, run, extra eval.py arguments); columns: "<eval>" (success) or "<eval>:<named|between>";
+# verdicts: (">" the first cell beats the second, or "~" within the margin; cell, cell, column, margin, the paper's numbers).
+TABLES = {
+    "table1": dict(
+        title="Stage-2 signal x initialisation (the ETC paper's Table 1): success after stage 2, ETC accuracy",
+        runs=dict(stage1=S1, act_base=("train_vla.py", "base", (*S2, *ACT)), etc_base=("train_vla.py", "base", S2),
+                  act_db=("train_vla.py", "stage1", (*S2, *ACT)), etc_db=("train_vla.py", "stage1", S2)),
+        cells=dict(act_base=("action only, w/o DB", "act_base", ()), act_db=("action only, w/ DB", "act_db", ()),
+                   etc_base=("+ETC, w/o DB", "etc_base", ()), etc_db=("+ETC, w/ DB", "etc_db", ())),
+        evals=("source", "ood_source", "etc"), columns=("source", "ood_source", "ood_source:named", "etc"),
+        verdicts=((">", "etc_db", "act_base", "source", 0, "VLABench T1 .648 vs .372; Simpler .844 vs .792"),
+                  (">", "etc_db", "act_db", "etc", 0, "ETC retained with co-training, lost without (Fig. 4)"))),
+    "stages": dict(
+        title="Which stages use ETC (the ETC paper's stage ablation): success in-domain after stage 3",
+        runs=dict(stage1=S1, s2act=("train_vla.py", "base", (*S2, *ACT)), s2etc=("train_vla.py", "base", S2),
+                  s2etc_db=("train_vla.py", "stage1", S2), none=("train_vla.py", "s2act", (*S3, *ACT)),
+                  only2=("train_vla.py", "s2etc", (*S3, *ACT)), only3=("train_vla.py", "s2act", S3),
+                  both=("train_vla.py", "s2etc", S3), all3=("train_vla.py", "s2etc_db", S3)),
+        cells=dict(none=("none", "none", ()), only2=("stage 2 only", "only2", ()), only3=("stage 3 only", "only3", ()),
+                   both=("stages 2+3", "both", ()), all3=("stages 1+2+3", "all3", ())),
+        evals=("target",), columns=("target",),
+        verdicts=((">", "both", "none", "target", 0, "WidowX 95.8 vs 66.7"),
+                  (">", "both", "only2", "target", 0, "WidowX 95.8 vs 75.0"))),
+    "ood": dict(
+        title="Stage 3 with action data only / + in-domain ETC / + OOD ETC: novel colour words and phrasings",
+        runs=dict(stage1=S1, s2=("train_vla.py", "stage1", S2), act=("train_vla.py", "s2", (*S3, *ACT)),
+                  id_etc=("train_vla.py", "s2", (*S3, "--etc-data", "data/target")), ood_etc=("train_vla.py", "s2", S3)),
+        cells=dict(act=("action only", "act", ()), id_etc=("+ in-domain ETC", "id_etc", ()),
+                   ood_etc=("+ OOD ETC", "ood_etc", ())),
+        evals=("target", "ood"), columns=("target", "ood", "ood:named"),
+        verdicts=((">", "ood_etc", "act", "ood", 0.2, "CoffeeBag OOD .81 vs .42"),
+                  ("~", "ood_etc", "act", "target", 0.05, "in-domain .92 vs .92"))),
+    "etc_levels": dict(
+        title="ETC categories in stage 2 (the ETC paper's category table): success in-domain after stage 2",
+        runs=dict(stage1=S1, act=("train_vla.py", "stage1", (*S2, *ACT)),
+                  scene=("train_vla.py", "stage1", (*S2, "--levels", "scene")),
+                  task=("train_vla.py", "stage1", (*S2, "--levels", "scene", "task")), full=("train_vla.py", "stage1", S2)),
+        cells=dict(act=("action only", "act", ()), scene=("+ scene", "scene", ()), task=("+ task", "task", ()),
+                   full=("full ETC (+ planning)", "full", ())),
+        evals=("source",), columns=("source",),
+        verdicts=((">", "full", "act", "source", 0, "VLABench T1 .648 vs .443"),
+                  (">", "scene", "act", "source", 0, "VLABench T1 .562 vs .443"))),
+    "sdm": dict(
+        title="One-step students of the stage-3 teacher, unimodal and ambiguous (two goals) layouts",
+        runs=dict(stage1=S1, s2=("train_vla.py", "stage1", S2), s3=("train_vla.py", "s2", S3),
+                  sdm=("distill_sdm.py", "s3", ()), cd=("distill_sdm.py", "s3", ("--method", "cd"))),
+        cells=dict(teacher10=("teacher, 10 steps", "s3", ()), teacher1=("teacher, 1 step", "s3", ("--steps", "1")),
+                   sdm=("SDM, 1 step", "sdm", ()), cd=("CD, 1 step", "cd", ())),
+        evals=("uni", "amb"), columns=("uni", "amb", "amb:between"),
+        verdicts=((">", "sdm", "teacher1", "amb", 0.2, "one step at teacher quality (SDM)"),
+                  ("~", "sdm", "teacher10", "amb", 0.05, "SDM within the teacher's range"),
+                  (">", "sdm", "cd", "amb", 0, "SDM above CD"))),
+}
+PARENT_FLAG = {"train_vla.py": "--init", "distill_sdm.py": "--teacher"}
+DONE: set[Path] = set()  # runs trained in this sitting
+
+@dataclass
+class Config:
+    table: tyro.conf.Positional[Literal[tuple(TABLES)]]  # which table to build
+    seeds: tuple[int, ...] = (0, 1, 2)  # training seeds
+    eval_seeds: tuple[int, ...] = (0, 1)  # evaluation seeds: the same fixed layouts for every cell
+    episodes: int = 10  # layouts per task and evaluation seed
+    cells: tuple[str, ...] = ()  # () = every cell of the table
+    steps: int | None = None  # every training run's steps (a quick or miniature table); default the table's
+    etc_limit: int = 600  # ETC records asked per evaluation
+    root: str = str(ROOT)  # where data/, runs/ and results/ are
+    dry_run: bool = False  # print the commands, run nothing
+
+def finished(out: Path) -> bool:  # a checkpoint whose run has done all of its steps
+    try:
+        p = json.loads((out / "config.json").read_text())["provenance"]
+        return p["steps_done"] >= p["config"]["steps"]
+    except (OSError, KeyError, ValueError):
+        return False
+
+def call(cmd: list[str], cfg: Config):
+    print("[experiments]", shlex.join(cmd), flush=True)
+    if not cfg.dry_run:
+        subprocess.run(cmd, check=True)
+
+def train(cfg: Config, name: str, seed: int) -> Path:
+    """The run's checkpoint, trained (after the runs it starts from) unless it is done."""
+    script, parent, args = TABLES[cfg.table]["runs"][name]
+    out = Path("runs") / cfg.table / f"s{seed}" / name
+    start = [] if parent is None else [PARENT_FLAG[script], parent if parent == "base" else str(train(cfg, parent, seed))]
+    if finished(out) or out in DONE:
+        return out
+    DONE.add(out)  # a dry run lists each run once
+    more = ["--resume"] if (out / "train_state.pt").exists() else []
+    more += ["--eval-episodes", "0"] if script == "train_vla.py" else []
+    if cfg.steps:  # one step count for every run, in place of the table's
+        i = args.index("--steps") if "--steps" in args else len(args)
+        args = [*args[:i], *args[i + 2:], "--steps", str(cfg.steps)]
+    call([sys.executable, str(ROOT / script), *args, *start, *more, "--seed", str(seed), "--out", str(out)], cfg)
+    return out
+
+def evaluate(cfg: Config, cell: str, seed: int, ev: str):
+    """results/<table>/<cell>.s<seed>.<ev>.json, with the cell, the training seed and the checkpoint's provenance."""
+    label, run, extra = TABLES[cfg.table]["cells"][cell]
+    results, name = Path("results") / cfg.table, f"{cell}.s{seed}.{ev}"
+    if (results / f"{name}.json").exists():
+        return
+    ckpt = train(cfg, run, seed)
+    args = ["--limit", str(cfg.etc_limit)] if ev == "etc" else [
+        "--seeds", *map(str, cfg.eval_seeds), "--episodes", str(cfg.episodes), "--gifs", "0", *extra]
+    call([sys.executable, str(ROOT / "eval.py"), *EVALS[ev], "--ckpt", str(ckpt), *args, "--name", name,
+          "--out", str(results)], cfg)
+    if cfg.dry_run:
+        return
+    (results / f"{name}.md").unlink(missing_ok=True)  # the table is built from the JSON
+    path = results / f"{name}.json"
+    result = json.loads(path.read_text())
+    provenance = json.loads((ckpt / "config.json").read_text())["provenance"]
+    result.update(table=cfg.table, cell=cell, label=label, eval=ev, train_seed=seed, provenance=provenance)
+    path.write_text(json.dumps(result, indent=1))
+
+def main(cfg: Config):
+    os.chdir(cfg.root)
+    spec, t0 = TABLES[cfg.table], time.time()
+    unknown = set(cfg.cells) - set(spec["cells"])
+    if unknown:
+        sys.exit(f"error: no cell {sorted(unknown)} in {cfg.table}; its cells are {list(spec['cells'])}")
+    needed = [f"data/{d}/etc.jsonl" for d in ("source", "target", "ood")]
+    if not all(map(os.path.exists, needed)):
+        if Path(cfg.root).resolve() != ROOT:
+            sys.exit(f"error: {cfg.root} lacks {needed}; make them with `bash pipeline.sh data` and copy data/ there")
+        call(["bash", str(ROOT / "pipeline.sh"), "data"], cfg)
+    results = Path("results") / cfg.table
+    table = {k: spec[k] for k in ("title", "columns", "verdicts")}
+    table["cells"] = {c: label for c, (label, _, _) in spec["cells"].items()}
+    path = results / "table.json"
+    before = json.loads(path.read_text()).get("wall_s", 0) if path.exists() else 0  # earlier sittings
+
+    def save():  # the table's layout for `eval.py report`, and its wall-clock over every sitting
+        if not cfg.dry_run:
+            results.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(dict(table, wall_s=before + time.time() - t0, config=asdict(cfg)), indent=1))
+    save()
+    for seed in cfg.seeds:
+        for cell in cfg.cells or spec["cells"]:
+            for ev in spec["evals"]:
+                evaluate(cfg, cell, seed, ev)
+                save()
+    print(f"[experiments] {cfg.table}: {time.time() - t0:.0f} s this sitting, {before + time.time() - t0:.0f} s in all")
+
+if __name__ == "__main__":
+    main(tyro.cli(Config))

@@ -1,0 +1,75 @@
+"""experiments/run.py end to end on a miniature grounded world, and the interval code on known cases."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import eval as E
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bootstrap_interval_on_known_cases():
+    # One training seed, 200 of 400 episodes: the binomial interval 0.5 +- 1.96 * 0.025.
+    mean, lo, hi = E.bootstrap([[np.r_[np.ones(200), np.zeros(200)]]])
+    assert mean == 0.5 and abs(lo - 0.451) < 0.01 and abs(hi - 0.549) < 0.01
+    # Three seeds at 0, 0 and 1: resampled seeds give 0 with chance 8/27 and 1 with 1/27 (> 2.5% each).
+    assert E.bootstrap([[np.zeros(20)], [np.zeros(20)], [np.ones(20)]]) == (pytest.approx(1 / 3), 0.0, 1.0)
+    # Differences pair the seeds: a seed at 1 and one at 0 in both cells cancel (unpaired they would not).
+    by_seed = [[np.ones(10)], [np.zeros(10)]]
+    assert E.bootstrap(by_seed, by_seed) == (0.0, 0.0, 0.0)
+    assert E.bootstrap([[np.ones(10)]] * 2, [[np.zeros(10)]] * 2) == (1.0, 1.0, 1.0)
+    assert E.verdict(">", (0.3, 0.1, 0.5), 0.2).startswith("reproduced; target +0.20 met")
+    assert E.verdict(">", (0.1, -0.1, 0.3), 0).startswith("not shown")
+    assert E.verdict("~", (0.01, -0.03, 0.04), 0.05) == "reproduced"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """data/source, data/target and data/ood of the grounded world: reach and push, 3 markers."""
+    import data
+    import etc
+    import sim
+    root = tmp_path_factory.mktemp("exp")
+    look = dict(markers=3, object_color="black")
+    for name, kw in [("source", {}), ("target", dict(table_color="white")),
+                     ("ood", dict(table_color="white", goal_colors=("teal=0,0.5,0.5", "lime=0.6,1,0.2")))]:
+        out = root / "data" / name
+        data.collect(data.Collect(tasks=("reach", "push"), episodes=2, out=str(out), workers=1, actions=name != "ood",
+                                  variation=sim.Variation(**look, **kw)))
+        etc.write(etc.Etc(data=str(out), paraphrases="heldout" if name == "ood" else "train"))
+    return root
+
+
+def run(world, *args) -> str:
+    cmd = [sys.executable, str(ROOT / "experiments" / "run.py"), "ood", "--root", str(world), "--seeds", "0",
+           "--cells", "act", "ood_etc", "--steps", "2", "--episodes", "1", "--eval-seeds", "0", *args]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return "\n".join(line for line in out.splitlines() if line.startswith("[experiments]"))  # the commands run
+
+
+def test_a_miniature_table_runs_resumes_and_reports_with_intervals(world):
+    first = run(world)
+    assert first.count("train_vla.py") == 3 and first.count("eval.py") == 4  # s2 shared by both cells
+    results = world / "results" / "ood"
+    names = sorted(p.name for p in results.glob("*.json"))
+    assert names == ["act.s0.ood.json", "act.s0.target.json", "ood_etc.s0.ood.json", "ood_etc.s0.target.json", "table.json"]
+    r = json.loads((results / "ood_etc.s0.ood.json").read_text())
+    assert r["cell"] == "ood_etc" and r["train_seed"] == 0 and r["provenance"]["seed"] == 0
+    assert {e["task"] for e in r["episodes"]} == {"reach", "push"}
+    again = run(world)  # everything is done: nothing trains or evaluates
+    assert "train_vla.py" not in again and "eval.py" not in again
+    md = "\n".join(E.table_markdown(results))
+    assert "| + in-domain ETC |  |  |  | 0 |" in md  # a cell not run yet: an empty row
+    assert "+ OOD ETC > action only (novel colour words): " in md and "over 1 seed(s)" in md
+    row = next(line for line in md.splitlines() if line.startswith("| + OOD ETC"))
+    assert row.count("[") == 3 and row.endswith("| 1 |")
+
+
+def test_an_unknown_cell_is_named_with_the_valid_ones(world):
+    p = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "sdm", "--root", str(world), "--cells", "sdm2"],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "no cell ['sdm2'] in sdm; its cells are ['teacher10', 'teacher1', 'sdm', 'cd']" in p.stderr
