@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole bridgevla pipeline on the tiny CPU default (about 55 minutes on 2 cores), in the
+# The whole bridgevla pipeline on the tiny CPU default (about 60 minutes on 2 cores), in the
 # grounded world: reach and push show 3 coloured markers and the instruction names the goal's
 # colour. Each step writes under data/ or out/ and is skipped when its output exists; a
 # training run cut off part-way resumes exactly. OVERWRITE=1 redoes all.
