@@ -266,6 +266,8 @@ HEADS = dict(source="in-domain (source scene)", target="in-domain (target scene)
 def table_markdown(folder: Path) -> list[str]:
     spec, found = json.loads((folder / "table.json").read_text()), {}
     for p in folder.glob("*.s*.*.json"):
+        if p.name.endswith(".partial.json"):  # an evaluation cut off before experiments/run.py annotated it
+            continue
         r = json.loads(p.read_text())
         found.setdefault((r["cell"], r["eval"]), {})[r["train_seed"]] = r
     def cell(c: str, column: str, seeds=None) -> list[list[np.ndarray]]:  # per training seed, in seed order

@@ -82,7 +82,8 @@ TABLES = {
         verdicts=((">", "full", "act", "source", 0, "VLABench T1 .648 vs .443"),
                   (">", "scene", "act", "source", 0, "VLABench T1 .562 vs .443"))),
     "sdm": dict(
-        title="One-step students of the stage-3 teacher, unimodal and ambiguous (two goals) layouts",
+        title="One-step students of the stage-3 teacher, unimodal and ambiguous (two goals) layouts "
+              "(latency per chunk: bench.py)",
         runs=dict(stage1=S1, s2=("train_vla.py", "stage1", S2), s3=("train_vla.py", "s2", S3),
                   sdm=("distill_sdm.py", "s3", ()), cd=("distill_sdm.py", "s3", ("--method", "cd"))),
         cells=dict(teacher10=("teacher, 10 steps", "s3", ()), teacher1=("teacher, 1 step", "s3", ("--steps", "1")),
@@ -144,16 +145,18 @@ def evaluate(cfg: Config, cell: str, seed: int, ev: str):
     ckpt = train(cfg, run, seed)
     args = ["--limit", str(cfg.etc_limit)] if ev == "etc" else [
         "--seeds", *map(str, cfg.eval_seeds), "--episodes", str(cfg.episodes), "--gifs", "0", *extra]
-    call([sys.executable, str(ROOT / "eval.py"), *EVALS[ev], "--ckpt", str(ckpt), *args, "--name", name,
+    # eval.py writes <name>.partial.json; the result counts as done once annotated under its own name
+    call([sys.executable, str(ROOT / "eval.py"), *EVALS[ev], "--ckpt", str(ckpt), *args, "--name", f"{name}.partial",
           "--out", str(results)], cfg)
     if cfg.dry_run:
         return
-    (results / f"{name}.md").unlink(missing_ok=True)  # the table is built from the JSON
-    path = results / f"{name}.json"
-    result = json.loads(path.read_text())
+    partial = results / f"{name}.partial.json"
+    result = json.loads(partial.read_text())
     provenance = json.loads((ckpt / "config.json").read_text())["provenance"]
-    result.update(table=cfg.table, cell=cell, label=label, eval=ev, train_seed=seed, provenance=provenance)
-    path.write_text(json.dumps(result, indent=1))
+    result.update(name=name, table=cfg.table, cell=cell, label=label, eval=ev, train_seed=seed, provenance=provenance)
+    (results / f"{name}.json").write_text(json.dumps(result, indent=1))
+    partial.unlink()
+    (results / f"{name}.partial.md").unlink(missing_ok=True)  # the table is built from the JSON
 
 def main(cfg: Config):
     os.chdir(cfg.root)
