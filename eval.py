@@ -283,8 +283,7 @@ def table_markdown(folder: Path) -> list[str]:
         seeds = sorted({s for (cc, _), v in found.items() if cc == c for s in v})
         out.append(f"| {label} | " + " | ".join(fmt(*bootstrap(x)) if (x := cell(c, col)) else "" for col in cols)
                    + f" | {len(seeds)} |")
-    eps = sorted({len(e["success"]) * len(r["config"]["seeds"]) for v in found.values() for r in v.values()
-                  if r["kind"] == "success" for e in r["episodes"][:1]})
+    eps = sorted({row["episodes"] for v in found.values() for r in v.values() if r["kind"] == "success" for row in r["rows"]})
     out += ["", f"Episodes per task, cell and training seed: {', '.join(map(str, eps))}; wall-clock on this machine "
             f"so far: {spec.get('wall_s', 0) / 3600:.1f} h (`python experiments/run.py {folder.name}`).", ""]
     for kind, a, b, col, margin, paper in spec["verdicts"]:

@@ -124,10 +124,10 @@ def train(cfg: Config, name: str, seed: int) -> Path:
     """The run's checkpoint, trained (after the runs it starts from) unless it is done."""
     script, parent, args = TABLES[cfg.table]["runs"][name]
     out = Path("runs") / cfg.table / f"s{seed}" / name
-    start = [] if parent is None else [PARENT_FLAG[script], parent if parent == "base" else str(train(cfg, parent, seed))]
-    if finished(out) or out in DONE:
+    if finished(out) or out in DONE:  # its parents are not needed (nor retrained if deleted)
         return out
     DONE.add(out)  # a dry run lists each run once
+    start = [] if parent is None else [PARENT_FLAG[script], parent if parent == "base" else str(train(cfg, parent, seed))]
     more = ["--resume"] if (out / "train_state.pt").exists() else []
     more += ["--eval-episodes", "0"] if script == "train_vla.py" else []
     if cfg.steps:  # one step count for every run, in place of the table's
