@@ -285,13 +285,15 @@ class ActionSamples:
 
 def collate(samples: list[dict], tokenizer, image_ids: list[int]) -> dict:
     """Token ids, masks and tensors for samples of one kind (ETC or action): each sequence is
-    [bos] + image_ids (the VLM's image tokens) + prompt (+ answer + eos), right-padded, with
-    labels -100 but on the answer and its eos:  ids    = [bos I I I q q q a a eos pad]
-                                                labels = [ -   - - - - - - a a eos  - ]"""
+    what the tokenizer puts first itself (<bos> for ours and Llama's, nothing for SmolVLM's) +
+    image_ids (the VLM's image tokens) + prompt (+ answer + eos), as SmolVLM's processor lays out
+    "<image>" + prompt; right-padded, labels -100 but on the answer and its eos:
+        ids    = [bos I I I q q q a a eos pad]
+        labels = [ -   - - - - - - a a eos  - ]"""
     seqs, labs = [], []
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    lead = tokenizer("")["input_ids"]
     for s in samples:
-        prompt = bos + list(image_ids) + tokenizer(s["text"], add_special_tokens=False)["input_ids"]
+        prompt = lead + list(image_ids) + tokenizer(s["text"], add_special_tokens=False)["input_ids"]
         answer = tokenizer(s["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] if "answer" in s else []
         seqs.append(prompt + answer)
         labs.append([-100] * len(prompt) + answer)

@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch, torch.nn as nn, torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
-FORMAT = "bridgevla-vla-2"  # 2: the VLM's config and the provenance stand beside the VLA config
+FORMAT = "bridgevla-vla-3"  # 3: the tokenizer adds its own <bos> (2: the VLM config and provenance in config.json)
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing or does not fit this code; the message names the fix."""
 
 @dataclass(frozen=True)
 class VLAConfig:
-    vlm: str = "tiny"  # "tiny" (random Idefics3, offline) or a local path / hub id of an image-text-to-text model
+    vlm: str = "tiny"  # "tiny" or a preset ("smolvlm-256m", "smolvlm-500m"): random weights, offline; or a local path / hub id
     image_size: int = 64  # images are resized to the vision tower's size; this is the data's size
     head: Literal["flow", "tokens"] = "flow"  # action head: flow-matching expert or action tokens
     chunk: int = 8  # actions predicted per observation
@@ -40,25 +40,30 @@ class VLAConfig:
     expert_mlp: int = 256
     feed_layers: tuple[int, ...] = ()  # VLM layers whose prefix KV feed expert layers 0, 1, ...; () = all
     freeze_vision: bool = False  # freeze the vision tower (the paper's ablation)
+    grad_checkpoint: bool = False  # recompute the vision tower's and the expert's activations in backward
     insulate: bool = False  # knowledge insulation (pi0.5): no gradient from the expert into the VLM
     bins: int = 256  # action-token bins over [-token_range, token_range] of normalised values
     token_range: float = 3.0
     steps: int = 10  # Euler steps when sampling; a distilled one-step student saves 1
 
 # --- The VLM: tiny offline Idefics3, or any pretrained AutoModelForImageTextToText ------------
-def tiny_tokenizer(n_action_tokens: int, corpus: list[str], vocab_size: int = 1024):
+def tiny_tokenizer(n_action_tokens: int, corpus: list[str], vocab_size: int = 1024, image_wrap: bool = False):
     """A byte-level BPE tokenizer trained offline with `tokenizers` (about a second) on the texts
     the policy reads and writes (etc.corpus()). Any text still encodes (all 256 bytes are in
-    it); the merges make our prompts ~3x shorter, and sequence length is most of the step time."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    it); the merges make our prompts ~3x shorter, and sequence length is most of the step time.
+    It puts <bos> first itself, as Llama's does (data.collate keeps what the tokenizer adds).
+    image_wrap: also SmolVLM's image wrapper tokens, for the real-size presets."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
-    specials = ["<pad>", "<bos>", "<eos>", "<image>"] + [f"<act{i}>" for i in range(n_action_tokens)]
+    wrap = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] if image_wrap else []
+    specials = ["<pad>", "<bos>", "<eos>", "<image>", *wrap] + [f"<act{i}>" for i in range(n_action_tokens)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=vocab_size + len(specials), special_tokens=specials, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<eos>", additional_special_tokens=specials[3:])
 
@@ -72,18 +77,40 @@ def tiny_vlm_config(vocab_size: int, image_token_id: int, image_size: int) -> di
                                  vocab_size=vocab_size, max_position_embeddings=1024,
                                  tie_word_embeddings=False))
 
+# The published SmolVLM text towers (SmolLM2-135M and -360M); both share SigLIP base-patch16-512,
+# pixel shuffle 4 (64 image tokens per 512 px image), a 49,280-word vocabulary and untied
+# embeddings: 256,484,928 and 507,482,304 parameters, as the hub's checkpoints have.
+PRESETS = {
+    "smolvlm-256m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536),
+    "smolvlm-500m": dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5, intermediate_size=2560),
+}
+
+def smolvlm_config(name: str, image_token_id: int) -> dict:
+    """A SmolVLM checkpoint's exact architecture (Idefics3 + Llama), to initialise at random offline."""
+    return dict(model_type="idefics3", scale_factor=4, image_token_id=image_token_id, tie_word_embeddings=False,
+                vision_config=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                   intermediate_size=3072, image_size=512, patch_size=16),
+                text_config=dict(model_type="llama", head_dim=64, vocab_size=49280, rope_theta=100000.0,
+                                 rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False,
+                                 **PRESETS[name]))
+
 def build_vlm(cfg: VLAConfig, vlm_config: dict | None, tokenizer, corpus: list[str]):
     """(vlm, tokenizer). A saved vlm_config rebuilds the architecture with no download."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
     if vlm_config:  # loading a checkpoint: architecture from its config, weights follow
         return AutoModelForImageTextToText.from_config(AutoConfig.for_model(**vlm_config)), tokenizer
-    if cfg.vlm == "tiny":
-        tokenizer = tiny_tokenizer(cfg.bins, corpus)
-        vc = tiny_vlm_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), cfg.image_size)
+    if cfg.vlm == "tiny" or cfg.vlm in PRESETS:  # random weights, our offline tokenizer
+        tokenizer = tiny_tokenizer(cfg.bins, corpus, image_wrap=cfg.vlm != "tiny")
+        image_token = tokenizer.convert_tokens_to_ids("<image>")
+        vc = tiny_vlm_config(len(tokenizer), image_token, cfg.image_size) if cfg.vlm == "tiny" else smolvlm_config(cfg.vlm, image_token)
         return AutoModelForImageTextToText.from_config(AutoConfig.for_model(**vc)), tokenizer
     # a real checkpoint (e.g. HuggingFaceTB/SmolVLM-256M-Instruct) by path or hub id
-    vlm = AutoModelForImageTextToText.from_pretrained(cfg.vlm)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.vlm)
+    try:
+        vlm = AutoModelForImageTextToText.from_pretrained(cfg.vlm)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.vlm)
+    except OSError as err:
+        raise CheckpointError(f"--vlm {cfg.vlm!r} is neither a preset ({', '.join(['tiny', *PRESETS])}) nor a "
+                              f"checkpoint folder or reachable hub id ({str(err).splitlines()[0]})") from None
     tokenizer.add_tokens([f"<act{i}>" for i in range(cfg.bins)], special_tokens=True)  # reserved action tokens
     vlm.resize_token_embeddings(len(tokenizer))
     return vlm, tokenizer
@@ -221,6 +248,7 @@ class ExpertLayer(nn.Module):
     def project_prefix(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """VLM cache (B, kvh, L, hd) -> expert heads (B, heads, L, width/heads)."""
         B, _, L, _ = k.shape
+        k, v = k.to(self.prefix_k.weight.dtype), v.to(self.prefix_v.weight.dtype)  # a bf16 VLM pass, an fp32 expert
         k, v = (self.prefix_k(k.transpose(1, 2).reshape(B, L, -1)), self.prefix_v(v.transpose(1, 2).reshape(B, L, -1)))
         return k.view(B, L, self.heads, -1).transpose(1, 2), v.view(B, L, self.heads, -1).transpose(1, 2)
 
@@ -246,6 +274,7 @@ class ActionExpert(nn.Module):
         self.layers = nn.ModuleList([ExpertLayer(W, cfg.expert_heads, cfg.expert_mlp, vlm_kv_dim) for _ in range(n_layers)])
         self.norm = nn.LayerNorm(W)
         self.action_out = nn.Linear(W, cfg.action_dim)
+        self.grad_checkpoint = cfg.grad_checkpoint
 
     def project(self, prefix: dict) -> dict:
         """VLA.prefix's VLM cache -> this expert's keys/values (distillation runs the VLM once
@@ -258,7 +287,10 @@ class ActionExpert(nn.Module):
         tau = time_embedding(t, a.shape[-1])[:, None].expand_as(a)
         h = torch.cat([self.state_in(projected["state"])[:, None], self.time_mlp(torch.cat([a, tau], -1))], 1) + self.pos
         for layer, (pk, pv) in zip(self.layers, projected["kv"]):
-            h = layer(h, pk, pv, projected["mask"])
+            if self.grad_checkpoint and torch.is_grad_enabled():  # memory for time: recomputed in backward
+                h = torch.utils.checkpoint.checkpoint(layer, h, pk, pv, projected["mask"], use_reentrant=False)
+            else:
+                h = layer(h, pk, pv, projected["mask"])
         return self.action_out(self.norm(h[:, 1:]))
 
 class VLA(nn.Module):
@@ -288,6 +320,9 @@ class VLA(nn.Module):
         self.image_ids = image_token_ids(self.vlm.config, self.tokenizer)
         if cfg.freeze_vision:
             self.vlm.model.vision_model.requires_grad_(False)
+        if cfg.grad_checkpoint:  # not the text layers: HF's checkpointing drops the KV cache the expert reads
+            vision = self.vlm.model.vision_model  # transformers >= 5.2x renamed the method
+            (getattr(vision, "activation_checkpointing_enable", None) or vision.gradient_checkpointing_enable)(dict(use_reentrant=False))
 
     device = property(lambda self: next(self.parameters()).device)
 
@@ -346,14 +381,19 @@ class VLA(nn.Module):
         x1 = noise.to(self.device) if noise is not None else torch.randn(B, H, D, device=self.device)
         return euler(lambda x, t: self.expert(x, t, projected), x1, num_steps or self.cfg.steps)
 
-    def save(self, path: str | Path, train_state: dict | None = None, provenance: dict | None = None):
+    def save(self, path: str | Path, train_state: dict | None = None, provenance: dict | None = None,
+             weights: dict | None = None):
         """A folder loadable without training state (plus train_state.pt, for exact resume,
-        when given); written to a temporary name, then renamed over the old one."""
+        when given); written to a temporary name, then renamed over the old one. weights: a
+        whole state dict to write instead of this module's own (gathered from FSDP2 shards)."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_model(self, str(tmp / "model.safetensors"))
+        if weights is None:
+            save_model(self, str(tmp / "model.safetensors"))
+        else:
+            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
         meta = dict(format=FORMAT, vla=asdict(self.cfg), vlm=self.vlm.config.to_dict(), provenance=provenance or {})

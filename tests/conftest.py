@@ -43,8 +43,9 @@ def dataset(dataset_path):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    """A byte-level tokenizer built offline with `tokenizers` (no hub), as a HF fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A byte-level tokenizer built offline with `tokenizers` (no hub), as a HF fast tokenizer; it
+    puts <bos> first itself, as the tiny VLM's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {c: i for i, c in enumerate(alphabet)}
@@ -53,6 +54,7 @@ def tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<eos>", additional_special_tokens=["<image>"])
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import bench
+import data
+import etc
 import fakes
 import model
 
@@ -190,21 +192,108 @@ def test_flow_convention_agrees_with_transformers_pi0(vla):
         torch.testing.assert_close(model.time_embedding(t, emb.shape[-1]), emb)
 
 
-def test_a_pretrained_checkpoint_folder_loads_through_the_same_code(tmp_path):
-    """A VLM saved with save_pretrained (as a downloaded SmolVLM would be) loads by path,
-    gains the action tokens, and trains and samples."""
+def smolvlm_like(tmp_path, bos: bool = True):
+    """A folder as a downloaded SmolVLM's looks (weights, tokenizer with its image wrapper tokens
+    and no action tokens, Idefics3 processor), at tiny size and random: (folder, vla it came from)."""
+    from tokenizers import processors
+    from transformers import AutoConfig, AutoModelForImageTextToText, Idefics3ImageProcessorPil, Idefics3Processor
     torch.manual_seed(0)
-    tiny = model.VLA(model.VLAConfig())
-    tiny.vlm.save_pretrained(tmp_path / "vlm")
-    tiny.tokenizer.save_pretrained(tmp_path / "vlm")
-    m = model.VLA(model.VLAConfig(vlm=str(tmp_path / "vlm"), bins=16))
-    for name, p in tiny.vlm.named_parameters():
+    tok = model.tiny_tokenizer(0, etc.corpus(), image_wrap=True)
+    if not bos:  # SmolVLM's own tokenizer puts nothing first
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")
+    vc = model.tiny_vlm_config(len(tok), tok.convert_tokens_to_ids("<image>"), 64)
+    vlm = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**vc))
+    image = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 64}, max_image_size={"longest_edge": 64})
+    proc = Idefics3Processor(image_processor=image, tokenizer=tok, image_seq_len=16)  # 64 px, patch 8, shuffle 2
+    for part in (vlm, proc):
+        part.save_pretrained(tmp_path / "vlm")
+    return tmp_path / "vlm", vlm, tok, proc
+
+
+def test_a_pretrained_checkpoint_folder_loads_by_path_and_trains_a_step(tmp_path):
+    """A VLM saved with save_pretrained (as a downloaded SmolVLM would be) loads by path with its
+    tokenizer, gains the action tokens, and trains a step and samples through the same code."""
+    path, vlm, tok, _ = smolvlm_like(tmp_path)
+    m = model.VLA(model.VLAConfig(vlm=str(path), bins=16))
+    for name, p in vlm.named_parameters():
         if "embed_tokens" not in name and "lm_head" not in name:
             assert torch.equal(p, dict(m.vlm.named_parameters())[name]), name
-    assert m.vlm.get_input_embeddings().weight.shape[0] == len(m.tokenizer)
+    assert m.vlm.get_input_embeddings().weight.shape[0] == len(m.tokenizer) == len(tok) + 16
+    assert m.image_ids[2:18] == [vlm.config.image_token_id] * 16 and m.image_ids[:2] == m.tokenizer.convert_tokens_to_ids(["<fake_token_around_image>", "<global-img>"])
     b = fakes.fake_batch(m, 2)
-    assert torch.isfinite(m.loss(b)["loss"])
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    before = m.vlm.model.text_model.layers[0].mlp.up_proj.weight.clone()
+    loss = m.loss(b)["loss"]
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and not torch.equal(before, m.vlm.model.text_model.layers[0].mlp.up_proj.weight)
     assert m.eval().sample(b, 2).shape == (2, 8, 4)
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_prompts_are_laid_out_as_smolvlms_processor_lays_them_out(tmp_path, bos):
+    """Our ids (data.collate) equal Idefics3Processor's for "<image>" + prompt with image
+    splitting off, whether or not the tokenizer puts <bos> first; a flat image's pixels too."""
+    path, _, _, proc = smolvlm_like(tmp_path, bos)
+    m = model.VLA(model.VLAConfig(vlm=str(path)))
+    image = np.full((64, 64, 3), 200, np.uint8)  # flat: resampling filters agree exactly
+    for text in ["push the puck to the teal marker", "question: where is the gripper?\nanswer: "]:
+        ours = data.collate([dict(image=image, text=text)], m.tokenizer, m.image_ids)
+        theirs = proc(text="<image>" + text, images=[[image]], return_tensors="pt")
+        assert ours["input_ids"][0].tolist() == theirs["input_ids"][0].tolist()
+        assert (ours["input_ids"][0, 0] == m.tokenizer.bos_token_id) == bos
+        torch.testing.assert_close(model.pixels(m.vlm, ours["images"])[:, 0], theirs["pixel_values"][:, 0], atol=1e-6, rtol=0)
+
+
+def test_presets_build_the_published_smolvlm_architectures_offline():
+    """--vlm smolvlm-256m / smolvlm-500m: the hub checkpoints' shapes (256,484,928 and 507,482,304
+    VLM parameters, 64 image tokens per 512 px image), built on the meta device (no memory)."""
+    for name, n in [("smolvlm-256m", 256_484_928), ("smolvlm-500m", 507_482_304)]:
+        with torch.device("meta"):
+            m = model.VLA(model.VLAConfig(vlm=name), corpus=etc.corpus())
+        assert sum(p.numel() for p in m.vlm.parameters()) == n, name
+        vc = m.vlm.config.vision_config
+        assert (vc.image_size, vc.patch_size, m.vlm.config.scale_factor) == (512, 16, 4)
+        assert m.image_ids.count(m.vlm.config.image_token_id) == 64 and len(m.image_ids) == 67
+        assert len(m.expert.layers) == m.vlm.config.text_config.num_hidden_layers
+
+
+def saved_bytes(m, batch) -> tuple[int, float, list]:
+    """(bytes of activations autograd saves for backward, the loss, the gradients) of one step."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.data_ptr(), t.shape)] = t.numel() * t.element_size()
+        return t
+    m.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = m.loss(batch, generator=torch.Generator().manual_seed(0))["loss"]
+    loss.backward()
+    return sum(seen.values()), loss.item(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+
+def test_gradient_checkpointing_saves_memory_and_changes_no_gradient(vla):
+    torch.manual_seed(0)
+    ckpt = model.VLA(model.VLAConfig(grad_checkpoint=True), vla.tokenizer, vlm_config=vla.vlm.config.to_dict())
+    ckpt.load_state_dict(vla.state_dict())
+    b = fakes.fake_batch(vla, 4)
+    (mem, loss, grads), (mem_c, loss_c, grads_c) = saved_bytes(vla.train(), b), saved_bytes(ckpt.train(), b)
+    assert loss == loss_c and mem_c < 0.8 * mem
+    for g, gc in zip(grads, grads_c):
+        torch.testing.assert_close(g, gc)
+
+
+def test_bf16_autocast_on_cpu_tracks_fp32(vla):
+    """--dtype bfloat16: autocast's bf16 matmuls give the fp32 loss to bf16 precision, and the
+    weights and gradients stay fp32."""
+    b = fakes.fake_batch(vla, 4)
+    loss = vla.loss(b, generator=torch.Generator().manual_seed(0))["loss"]
+    with torch.autocast("cpu", torch.bfloat16):
+        low = vla.loss(b, generator=torch.Generator().manual_seed(0))["loss"]
+    low.backward()
+    assert low.dtype == torch.float32 and abs(low.item() - loss.item()) < 0.02 * loss.item()
+    assert all(p.grad.dtype == torch.float32 for p in vla.parameters() if p.grad is not None)
+    vla.zero_grad()
 
 
 def test_cached_padded_greedy_decoding_equals_a_plain_forward(vla):
