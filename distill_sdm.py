@@ -53,6 +53,7 @@ class Config:
     resume: bool = False  # continue an interrupted run from out/train_state.pt
     overwrite: bool = False  # replace an existing --out
     device: str = "auto"  # auto | cpu | cuda
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # bf16 autocast of the frozen VLM's pass; auto: on CUDA only
 
 # --- The math, on any tensors x of shape (B, ...): action chunks (B, H, D), or toy points (B, 2) ---
 def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -249,7 +250,7 @@ def main(cfg: Config):
             for opt in (opt_g, opt_f):
                 scaffold.set_lr(opt, scaffold.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, min_ratio=1.0))  # warm-up, then flat
             batch = scaffold.to(observations(sets, teacher.tokenizer, teacher.image_ids, cfg, step), device)
-            with torch.no_grad():
+            with torch.no_grad(), scaffold.autocast(proc, cfg.dtype):
                 prefix = teacher.prefix(batch)  # the VLM runs once; each expert projects its cache
             z = torch.randn_like(batch["actions"])
             d_real, d_gen = denoiser(teacher, real, prefix), denoiser(teacher, gen, prefix)

@@ -35,9 +35,43 @@ def start(device: str = "auto") -> Process:
         dist.init_process_group("nccl" if cuda else "gloo")
     return Process(rank, world_size, dev, cuda)
 
+def autocast(proc: Process, dtype: str):
+    """Mixed precision: matmuls in bfloat16 under torch.autocast, while the weights, the AdamW
+    states and the loss reductions stay fp32 (so no fp32 master copy is needed). dtype: auto
+    (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16."""
+    return torch.autocast(proc.device.type, torch.bfloat16, enabled=bf16(proc, dtype))
+
+def bf16(proc: Process, dtype: str) -> bool:
+    return dtype == "bfloat16" or (dtype == "auto" and proc.cuda)
+
 def finish(proc: Process):
     if proc.world_size > 1:
         dist.destroy_process_group()
+
+def wrap(vla: model.VLA, proc: Process, fsdp: bool) -> torch.nn.Module:
+    """The network the loop calls; build the optimizer after this. One process: the VLA. Several:
+    DDP (a whole copy in each), or with fsdp FSDP2's fully_shard: each transformer layer of the
+    VLM (HF's GradientCheckpointingLayer: vision and text), then the rest, keeps 1/world_size of
+    its parameters, gradients and AdamW states and all-gathers a layer's weights as it runs."""
+    if proc.world_size == 1:
+        return vla
+    if not fsdp:
+        return torch.nn.parallel.DistributedDataParallel(vla, find_unused_parameters=True)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    mesh = init_device_mesh(proc.device.type, (proc.world_size,))
+    for layer in [m for m in vla.modules() if isinstance(m, GradientCheckpointingLayer)]:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(vla, mesh=mesh)
+
+def sharded(net: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(net, FSDPModule)
+
+def whole(vla: model.VLA, net: torch.nn.Module, out: Path, proc: Process) -> model.VLA:
+    """The model to evaluate on rank 0 after training: the VLA, or, sharded, its saved checkpoint."""
+    return model.load(out).to(proc.device) if sharded(net) else vla
 
 def to(batch: dict | None, device) -> dict | None:
     return None if batch is None else {k: v.to(device) for k, v in batch.items()}
@@ -54,17 +88,33 @@ def check_out(out: Path, resume: bool, overwrite: bool, batch: int = 0, world_si
 
 def save(vla: model.VLA, out: Path, cfg, provenance: dict, proc: Process, step: int, **states):
     """The checkpoint folder (rank 0 writes it), with train_state.pt: the step, the config and
-    the state_dict() of each object in `states` (optimizers, extra networks)."""
+    the state_dict() of each object in `states` (optimizers, extra networks). Sharded (FSDP2),
+    every process joins in gathering the whole weights and optimizer states onto rank 0's CPU."""
+    weights, fsdp = None, sharded(vla)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(vla, options=opts)
+        states = {k: get_optimizer_state_dict(vla, v, options=opts) for k, v in states.items()}  # only optimizers here
+    else:
+        states = {k: v.state_dict() for k, v in states.items()}
     if proc.rank == 0:
-        state = dict(step=step, config=asdict(cfg), **{k: v.state_dict() for k, v in states.items()})
-        vla.save(out, state, dict(provenance, steps_done=step))
+        vla.save(out, dict(step=step, config=asdict(cfg), fsdp=fsdp, **states), dict(provenance, steps_done=step), weights)
 
-def load_state(out: Path, **states) -> int:
-    """Restore each object in `states` from out/train_state.pt; the step to continue from."""
+def load_state(out: Path, net: torch.nn.Module | None = None, **states) -> int:
+    """Restore each object in `states` from out/train_state.pt (optimizers of a sharded `net`
+    through torch's distributed state-dict API); the step to continue from."""
     try:
         state = torch.load(out / "train_state.pt", weights_only=False)
+        fsdp = net is not None and sharded(net)
+        if state.get("fsdp", False) != fsdp:
+            raise ValueError(f"it was trained {'with' if state.get('fsdp') else 'without'} --fsdp; resume it the same way")
         for k, obj in states.items():
-            obj.load_state_dict(state[k])
+            if fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+                set_optimizer_state_dict(net, obj, state[k], options=StateDictOptions(full_state_dict=True))
+            else:
+                obj.load_state_dict(state[k])
     except (OSError, RuntimeError, KeyError, ValueError) as err:
         raise model.CheckpointError(f"{out}/train_state.pt cannot be resumed from ({err}); start again with --overwrite") from None
     return state["step"]

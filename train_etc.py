@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -30,6 +31,9 @@ class Config:
     clip: float = 1.0  # gradient-norm clipping
     levels: tuple[str, ...] = etc.LEVELS  # ETC levels used
     freeze_vision: bool = False  # freeze the vision tower (ablation)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # bf16 autocast; auto: on CUDA only
+    grad_checkpoint: bool = False  # recompute activations in backward (vision tower, expert): memory for time
+    fsdp: bool = False  # under torchrun: FSDP2 shards the model across processes (DDP copies it); for a VLM too big for one GPU
     holdout: int = 10  # every holdout-th episode's ETC is kept for evaluation only
     log_every: int = 50  # 0 = only the last step
     eval_every: int = 500  # held-out ETC accuracy every so often (and at the end); 0 = only at the end
@@ -46,18 +50,18 @@ def main(cfg: Config):
     if len(sizes) > 1:
         raise data.DataError(f"the ETC datasets mix image sizes {sorted(sizes)}; collect them at one --image-size")
     torch.manual_seed(cfg.seed)
-    vla = model.load(out).train() if cfg.resume else model.VLA(
-        model.VLAConfig(vlm=cfg.vlm, image_size=sizes.pop(), freeze_vision=cfg.freeze_vision),
+    vla = model.load(out, grad_checkpoint=cfg.grad_checkpoint).train() if cfg.resume else model.VLA(
+        model.VLAConfig(vlm=cfg.vlm, image_size=sizes.pop(), freeze_vision=cfg.freeze_vision, grad_checkpoint=cfg.grad_checkpoint),
         stats=data.Dataset(cfg.etc_data[0]).meta["stats"], corpus=etc.corpus())
     vla.to(proc.device)
+    net = scaffold.wrap(vla, proc, cfg.fsdp)
     train, held = etc.load(cfg.etc_data, cfg.levels, cfg.holdout)
     probe = [item for h in held for item in h[::7][:300]]  # a fixed spread of held-out records
     batches = data.Batches(etc.Samples(train), None, vla.tokenizer, vla.image_ids, cfg.batch,
                            data.Ramp("constant", 1.0, 1.0), dict.fromkeys(cfg.levels, 1.0), cfg.seed)
     params = [p for n, p in vla.named_parameters() if p.requires_grad and not n.startswith("expert.")]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    start = scaffold.load_state(out, optimizer=opt) if cfg.resume else 0
-    net = torch.nn.parallel.DistributedDataParallel(vla, find_unused_parameters=True) if proc.world_size > 1 else vla
+    start = scaffold.load_state(out, net, optimizer=opt) if cfg.resume else 0
     log = scaffold.open_log(out, cfg.resume, proc)
     prov = scaffold.provenance("train_etc.py", cfg, None, 0, stage=1, datasets=dict(etc=list(cfg.etc_data)),
                                etc_mix=dict(levels=list(cfg.levels), fraction=1.0))
@@ -70,7 +74,7 @@ def main(cfg: Config):
             lr = scaffold.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
             scaffold.set_lr(opt, lr)
             batch, _, _ = batches(step, proc.rank, proc.world_size)
-            with torch.autocast("cuda", torch.bfloat16, enabled=proc.cuda):
+            with scaffold.autocast(proc, cfg.dtype):
                 terms = net(etc=scaffold.to(batch, proc.device))
             loss, logs = model.global_loss(terms, {"lm": 1.0}, proc.world_size)
             scaffold.check_finite(logs, step, cfg.lr, out)
@@ -81,12 +85,13 @@ def main(cfg: Config):
                 scaffold.log(log, dict(step=step, lm=logs["lm"], lr=lr, ms=1000 * dt, samples_s=cfg.batch / dt))
             if done < cfg.steps and scaffold.due(done, cfg.save_every):
                 save(done)
-            if proc.rank == 0 and done < cfg.steps and scaffold.due(done, cfg.eval_every):
+            if proc.rank == 0 and done < cfg.steps and scaffold.due(done, cfg.eval_every) and not scaffold.sharded(net):  # sharded: at the end
                 scaffold.log(log, dict(step=done, etc=scaffold.etc_accuracy(vla, probe)), echo=False)
     except KeyboardInterrupt:
         scaffold.interrupted(save, done, out)
     save(cfg.steps)
     if proc.rank == 0:
+        vla = scaffold.whole(vla, net, out, proc)
         scaffold.close_log(log, dict(stage=1, steps=cfg.steps, etc=scaffold.etc_accuracy(vla, probe)))
     scaffold.finish(proc)
 

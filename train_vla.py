@@ -50,6 +50,9 @@ class Config:
     levels: tuple[str, ...] = etc.LEVELS  # ETC levels used (the paper's category ablation)
     chunk: int = 8  # actions per chunk
     freeze_vision: bool = False  # freeze the vision tower
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # bf16 autocast; auto: on CUDA only
+    grad_checkpoint: bool = False  # recompute activations in backward (vision tower, expert): memory for time
+    fsdp: bool = False  # under torchrun: FSDP2 shards the model across processes (DDP copies it); for a VLM too big for one GPU
     insulate: bool = False  # knowledge insulation for the whole run
     holdout: int = 10  # every holdout-th episode's ETC is kept for evaluation only
     log_every: int = 50  # 0 = only the last step
@@ -72,7 +75,8 @@ def resolve(cfg: Config) -> Config:
 def build(cfg: Config, ds: data.Dataset) -> model.VLA:
     """The starting model: the base VLM, a stage-1 VLM with a fresh head, or a stage-2 VLA."""
     torch.manual_seed(cfg.seed)  # a fresh expert starts the same way in every process
-    options = dict(head=cfg.head, chunk=cfg.chunk, freeze_vision=cfg.freeze_vision, insulate=cfg.insulate)
+    options = dict(head=cfg.head, chunk=cfg.chunk, freeze_vision=cfg.freeze_vision, insulate=cfg.insulate,
+                   grad_checkpoint=cfg.grad_checkpoint)
     stats = ds.meta["stats"]
     if cfg.init == "base":
         return model.VLA(model.VLAConfig(vlm=cfg.vlm, image_size=ds.meta["image_size"], **options), stats=stats,
@@ -83,7 +87,7 @@ def build(cfg: Config, ds: data.Dataset) -> model.VLA:
                                     f"(`{prev}`), or pass --init base to fine-tune the base VLM directly")
     if cfg.stage == 3:  # the whole policy carries on: its action head must have been trained
         scaffold.require_trained_head(cfg.init, "stage 3 continues a trained policy: pass a stage-2 checkpoint as --init")
-    init = model.load(cfg.init, freeze_vision=cfg.freeze_vision, insulate=cfg.insulate)
+    init = model.load(cfg.init, **{k: options[k] for k in ("freeze_vision", "insulate", "grad_checkpoint")})
     if init.cfg.image_size != ds.meta["image_size"]:
         raise model.CheckpointError(f"{cfg.init} was trained on {init.cfg.image_size} px images, {cfg.action_data} has "
                                     f"{ds.meta['image_size']} px; collect with --image-size {init.cfg.image_size}")
@@ -102,8 +106,9 @@ def main(cfg: Config):
     proc, out = scaffold.start(cfg.device), Path(cfg.out)
     scaffold.check_out(out, cfg.resume, cfg.overwrite, cfg.batch, proc.world_size)
     ds = data.Dataset(cfg.action_data)
-    vla = model.load(out, expect=dict(head=cfg.head, chunk=cfg.chunk)).train() if cfg.resume else build(cfg, ds)
+    vla = model.load(out, expect=dict(head=cfg.head, chunk=cfg.chunk), grad_checkpoint=cfg.grad_checkpoint).train() if cfg.resume else build(cfg, ds)
     vla.to(proc.device)
+    net = scaffold.wrap(vla, proc, cfg.fsdp)
     train, held = etc.load(cfg.etc_data, cfg.levels, cfg.holdout, vla.cfg.image_size)
     probe = [item for h in held for item in h[::7][:300]]  # as in stage 1
     batches = data.Batches(etc.Samples(train), data.ActionSamples(ds, cfg.chunk, stats=vla.stats), vla.tokenizer,
@@ -111,8 +116,7 @@ def main(cfg: Config):
                            dict.fromkeys(cfg.levels, 1.0), cfg.seed)
     params = [p for p in vla.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    start = scaffold.load_state(out, optimizer=opt) if cfg.resume else 0
-    net = torch.nn.parallel.DistributedDataParallel(vla, find_unused_parameters=True) if proc.world_size > 1 else vla
+    start = scaffold.load_state(out, net, optimizer=opt) if cfg.resume else 0
     action_weight = data.Ramp("cosine", cfg.action_weight_start, cfg.action_weight_end, cfg.steps)
     log = scaffold.open_log(out, cfg.resume, proc)
     parent = None if cfg.init == "base" else cfg.init
@@ -130,7 +134,7 @@ def main(cfg: Config):
             scaffold.set_lr(opt, lr)
             etc_batch, act_batch, etc_fraction = batches(step, proc.rank, proc.world_size)
             seen.append(etc_fraction)
-            with torch.autocast("cuda", torch.bfloat16, enabled=proc.cuda):  # a fresh expert's random gradients stay out of the VLM
+            with scaffold.autocast(proc, cfg.dtype):  # insulate: a fresh expert's random gradients stay out of the VLM
                 terms = net(etc=scaffold.to(etc_batch, proc.device), act=scaffold.to(act_batch, proc.device),
                             insulate=step < cfg.expert_warmup)
             loss, logs = model.global_loss(terms, {"lm": 1.0, vla.cfg.head: action_weight(step)}, proc.world_size)
@@ -143,12 +147,13 @@ def main(cfg: Config):
                                        etc_frac=float(np.mean(seen[-max(cfg.log_every, 1):]))))
             if done < cfg.steps and scaffold.due(done, cfg.save_every):
                 save(done)
-            if proc.rank == 0 and probe and done < cfg.steps and scaffold.due(done, cfg.eval_every):
+            if proc.rank == 0 and probe and done < cfg.steps and scaffold.due(done, cfg.eval_every) and not scaffold.sharded(net):
                 scaffold.log(log, dict(step=done, etc=scaffold.etc_accuracy(vla, probe)), echo=False)
     except KeyboardInterrupt:
         scaffold.interrupted(save, done, out)
     save(cfg.steps)
     if proc.rank == 0:
+        vla = scaffold.whole(vla, net, out, proc)
         summary = dict(stage=cfg.stage, steps=cfg.steps, etc=scaffold.etc_accuracy(vla, probe) if probe else {})
         if cfg.eval_episodes:
             var = sim.Variation(**ds.meta["variation"])

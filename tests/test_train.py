@@ -106,6 +106,30 @@ def test_ddp_two_gloo_processes_match_one_process(etc_path, stage1_ckpt, tmp_pat
             assert r1[k] == pytest.approx(r2[k], rel=1e-4), (r1, r2)
 
 
+def test_fsdp2_two_gloo_processes_match_one_process_and_resume(etc_path, stage1_ckpt, tmp_path):
+    """--fsdp under torchrun: FSDP2 shards every VLM layer across two processes; the losses are
+    one process's, the gathered checkpoint holds the same weights, and a sharded run resumes."""
+    args = ["--stage", "2", "--action-data", str(etc_path), "--etc-data", str(etc_path), "--init", str(stage1_ckpt),
+            "--batch", "8", "--log-every", "1", "--eval-episodes", "0", "--device", "cpu", "--warmup", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537"]
+    run = lambda launch, *more: subprocess.run([sys.executable, *launch, "train_vla.py", *args, *more], cwd=ROOT, env=env,  # noqa: E731
+                                               capture_output=True, text=True)
+    for launch, extra in (([], []), (two, ["--fsdp"])):  # 2 steps, then resumed for a third (a longer schedule)
+        for more in (["--steps", "2"], ["--steps", "3", "--resume"]):
+            r = run(launch, *extra, *more, "--out", str(tmp_path / ("two" if extra else "one")))
+            assert r.returncode == 0, r.stderr[-2000:]
+    a, b = ([r for r in rows(tmp_path / f"{n}.log.jsonl") if "lm" in r and "step" in r] for n in ("one", "two"))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2]
+    for r1, r2 in zip(a, b):
+        for k in ("lm", "flow"):
+            assert r1[k] == pytest.approx(r2[k], rel=1e-4), (r1, r2)
+    one, two = model.load(tmp_path / "one"), model.load(tmp_path / "two")
+    for (name, p1), p2 in zip(one.state_dict().items(), two.state_dict().values()):
+        torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-5, msg=name)
+    assert torch.load(tmp_path / "two" / "train_state.pt", weights_only=False)["fsdp"] is True
+
+
 def test_etc_fraction_seen_follows_the_schedule(etc_path, stage1_ckpt, tmp_path):
     stage2(etc_path, stage1_ckpt, tmp_path / "s", steps=40, batch=8, etc_start=0.8, etc_end=0.2, log_every=20,
            expert_warmup=0)
