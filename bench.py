@@ -3,8 +3,9 @@
     python bench.py                 # everything, measured in this run; also writes out/bench.md
     python bench.py --quick         # a smoke run (CI)
     python bench.py --only latency  # one section: collect | model | training | latency
+    python bench.py --size smolvlm-256m  # a real-size VLA (random weights, offline) on this machine's device
 """
-import multiprocessing as mp, os, time
+import dataclasses, multiprocessing as mp, os, resource, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,9 @@ class Bench:
     teacher: str = "out/stage3"  # latency: checkpoints to time (the tiny random VLA stands in for a missing one)
     students: tuple[str, ...] = ("out/sdm", "out/cd")
     out: str | None = "out/bench.md"  # the tables as markdown (None: print only)
+    size: str = "tiny"  # a --vlm preset (smolvlm-256m, smolvlm-500m) or VLM folder: time that size only
+    device: str = "auto"  # real size: auto (CUDA if present) | cpu | cuda
+    dtype: str = "auto"  # real size: bf16 autocast; auto = on CUDA only
 
 def pi0_peer(vla: model.VLA, image_size: int | None = None):
     """transformers' PI0ForConditionalGeneration at about this VLA's size: the timed peer, and the
@@ -96,12 +100,15 @@ def bench_collection(cfg: Bench) -> list[str]:
     return rows
 
 def median_ms(fn, repeats: int) -> float:
-    """Median wall time of fn() in ms, after one warm-up call."""
+    """Median wall time of fn() in ms, after one warm-up call (CUDA work waited for)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return 1000 * float(np.median(times))
 
@@ -115,21 +122,28 @@ def train_step(m: torch.nn.Module, loss_fn):
         opt.step()
     return step
 
+def interleaved_ms(fns: list, repeats: int) -> list[float]:
+    """Median wall time (ms) of each fn, timed in turns (one warm-up each, then `repeats`
+    rounds of every fn once), so drift in the machine's speed hits every column alike."""
+    times = [[] for _ in fns]
+    for r in range(repeats + 1):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0) if r else None
+    return [1000 * float(np.median(t)) for t in times]
+
 def bench_model(cfg: Bench) -> list[str]:
-    """Our tiny VLA vs transformers' PI0 at matched size, same batch and prompt text. The peer
-    runs on our 64 px images (64 image tokens, no pixel shuffle) and on 32 px (16, as ours)."""
-    vla, (B, reps) = tiny_vla(), ((2, 2) if cfg.quick else (cfg.batch, cfg.repeats))
+    """Our tiny VLA vs transformers' PI0 at matched size, same batch and prompt text, timed in
+    turns. The peer runs on our 64 px images (64 image tokens, no pixel shuffle) and on 32 px
+    (16, as ours); then where the step goes, against the 32 px peer."""
+    vla, (B, reps) = tiny_vla(), ((2, 2) if cfg.quick else (cfg.batch, 3 * cfg.repeats))
     images, text = random_images(B), ["push the puck to the goal\n"] * B  # a typical instruction
     batch = observations(vla, images, text, torch.randn(B, 4), chunk=8)
     prompt = vla.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-
-    def timings(m, loss_fn, sample_fn):  # (train step, 10-step sample, 1-step sample) in ms
-        train = median_ms(train_step(m.train(), loss_fn), reps)
-        with torch.no_grad():
-            return train, median_ms(lambda: sample_fn(10), reps), median_ms(lambda: sample_fn(1), reps)
     one = {k: v[:1] for k, v in batch.items()}
-    cols = [timings(vla, lambda: vla.loss(batch)["loss"], lambda n: vla.eval().sample(one, n))]
-    heads = [f"ours ({batch['input_ids'].shape[1]} prefix tokens)"]
+    losses, samplers = [lambda: vla.loss(batch)["loss"]], [lambda n: vla.eval().sample(one, n)]
+    heads, peers = [f"ours ({batch['input_ids'].shape[1]} prefix tokens)"], []
     for size in (64, 32):
         peer = pi0_peer(vla, image_size=size)
         vc = peer.config.vlm_config
@@ -138,17 +152,47 @@ def bench_model(cfg: Bench) -> list[str]:
         pin = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
                    pixel_attention_mask=torch.ones(B, 1, dtype=torch.bool), state=batch["proprio"])
         pone = {k: v[:1] for k, v in pin.items()}
-        cols.append(timings(peer, lambda: peer(actions=batch["actions"], **pin).loss,
-                            lambda n: peer.eval().sample_actions(num_steps=n, **pone)))
+        losses.append(lambda peer=peer, pin=pin: peer(actions=batch["actions"], **pin).loss)
+        samplers.append(lambda n, peer=peer, pone=pone: peer.eval().sample_actions(num_steps=n, **pone))
         heads.append(f"PI0 {size} px ({ids.shape[1]} prefix tokens)")
+        peers.append(peer)
+    nets = [vla, *peers]
+    train = interleaved_ms([train_step(m.train(), f) for m, f in zip(nets, losses)], reps)
+    forward = interleaved_ms([losses[0], losses[2]], reps)  # the rest of a step: backward + AdamW
+    with torch.no_grad():
+        cols = list(zip(train, *(interleaved_ms([lambda f=f: f(k) for f in samplers], reps) for k in (10, 1))))
+    peer = peers[1]  # the 32 px peer: its language model sees as many image tokens as ours
+    parts = [forward_ms(vla, dict(vision=vla.vlm.model.vision_model, text=vla.vlm.model.text_model, head=vla.expert), losses[0], reps),
+             forward_ms(peer, dict(vision=peer.model.vlm.vision_tower, text=peer.model.vlm.language_model, head=peer.model.dit), losses[2], reps)]
     n = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
     rows = [f"parameters: ours {n(vla):.2f}M (VLM {n(vla.vlm):.2f}M + expert {n(vla.expert):.2f}M), "
-            f"PI0 peer {n(peer):.2f}M; torch threads {torch.get_num_threads()}", "",
+            f"PI0 peer {n(peer):.2f}M; torch threads {torch.get_num_threads()}; median of {reps} turns", "",
             "| measure | " + " | ".join(heads) + " | ours / PI0 64 px | ours / PI0 32 px |", "|---|---|---|---|---|---|"]
     for i, name in enumerate([f"train step, batch {B} (ms)", "sample 1 chunk, 10 steps (ms)", "sample 1 chunk, 1 step (ms)"]):
         v = [c[i] for c in cols]
         rows.append(f"| {name} | " + " | ".join(f"{x:.1f}" for x in v) + f" | {v[0] / v[1]:.2f} | {v[0] / v[2]:.2f} |")
-    return rows + ["| train samples/s | " + " | ".join(f"{1000 * B / c[0]:.0f}" for c in cols) + " | | |"]
+    rows.append("| train samples/s | " + " | ".join(f"{1000 * B / c[0]:.0f}" for c in cols) + " | | |")
+    vs = lambda k: " vs ".join(f"{p[k]:.1f}" for p in parts)  # noqa: E731
+    rows += ["", f"Where the step goes, ours vs PI0 32 px (ms): forward {forward[0]:.1f} vs {forward[1]:.1f}, backward + "
+             f"AdamW {train[0] - forward[0]:.1f} vs {train[2] - forward[1]:.1f}; within the forward, vision tower {vs('vision')}, "
+             f"language model {vs('text')}, action expert {vs('head')}. Idefics3's pixel shuffle folds 4 patches into one "
+             "token, so at matched tokens our vision tower encodes 4x the patches of SigLIP's (64 vs 16)."]
+    return rows
+
+def forward_ms(m: torch.nn.Module, parts: dict, fn, repeats: int) -> dict:
+    """Median forward time (ms) of each named submodule over repeats calls of fn(), by hooks."""
+    times, start = {k: [] for k in parts}, {}
+    hooks = [h for k, mod in parts.items() for h in (
+        mod.register_forward_pre_hook(lambda *_, k=k: start.__setitem__(k, time.perf_counter())),
+        mod.register_forward_hook(lambda *_, k=k: times[k].append(time.perf_counter() - start[k])))]
+    fn()
+    for k in times:
+        times[k].clear()
+    for _ in range(repeats):
+        fn()
+    for h in hooks:
+        h.remove()
+    return {k: 1000 * float(np.median(v)) for k, v in times.items()}
 
 def bench_training(cfg: Bench) -> list[str]:
     """Training samples/s of a stage-2 step (half ETC, half action samples) and its model FLOP
@@ -196,7 +240,89 @@ def bench_latency(cfg: Bench) -> list[str]:
              for name, (steps, head, e2e) in out.items()]
     return rows + [f"| floor: 1 prefix pass + 1 expert pass | 1 | | | {floor:.2f} | {t_e2e / floor:.1f}x | 1.00x |"]
 
-def main(cfg: Bench):
+def saved_mb(fn) -> float:
+    """MB of activations autograd keeps for backward during fn() (what checkpointing trades away)."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.data_ptr(), t.shape, t.dtype)] = t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values()) / 2 ** 20
+
+def bench_real(cfg: Bench) -> list[str]:
+    """A real-size VLA (--size: a preset's exact architecture with random weights, or a VLM folder)
+    on this machine's device: parameters; latency per chunk at batch 1 (the VLM prefix, the head,
+    end to end for the teacher at 10 steps and a one-step student, and the floor); a training step
+    with and without gradient checkpointing: time, samples/s, memory, MFU against a matmul of
+    this device measured now. Few repetitions on a CPU (each 256M step takes seconds); latency does
+    not depend on the weights, so random ones time a trained policy too."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import etc, scaffold
+    proc = scaffold.start(cfg.device)
+    cast, bf16 = (lambda: scaffold.autocast(proc, cfg.dtype)), scaffold.bf16(proc, cfg.dtype)
+    torch.manual_seed(0)
+    vla = model.VLA(model.VLAConfig(vlm=cfg.size), corpus=etc.corpus()).to(proc.device)
+    n = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+    B, reps = (2, 1) if cfg.quick else ((cfg.batch, cfg.repeats) if proc.cuda else (4, 2))  # seconds per CPU step
+    lat_reps = 1 if cfg.quick else (5 * cfg.repeats if proc.cuda else 5)
+    image, text, proprio = random_images(1), ["push the puck to the teal marker\n"], torch.zeros(1, 4)
+    one = scaffold.to(observations(vla, image, text, proprio), proc.device)
+    vc = vla.vlm.config.vision_config
+    rows = [f"{cfg.size}: VLM {n(vla.vlm):.1f}M + expert {n(vla.expert):.1f}M parameters; {vc.image_size} px, "
+            f"{one['input_ids'].shape[1]} prefix tokens ({vla.image_ids.count(vla.vlm.config.image_token_id)} image); "
+            f"{proc.device}{' ' + torch.cuda.get_device_name() if proc.cuda else f', {torch.get_num_threads()} threads'}, "
+            f"{'bf16 autocast' if bf16 else 'fp32'}; median of {lat_reps} (latency) and {reps} (training) timed runs after a warm-up",
+            "", "| per chunk, batch 1 | ms |", "|---|---|"]
+    vla.eval()
+    with torch.no_grad(), cast():
+        prefix = vla.prefix(one)
+        projected = vla.expert.project(prefix)
+        z = torch.randn(1, vla.cfg.chunk, vla.cfg.action_dim, device=proc.device)
+        lat = {"VLM prefix pass": median_ms(lambda: vla.prefix(one), lat_reps),
+               "head, 10 Euler steps": median_ms(lambda: model.euler(lambda x, t: vla.expert(x, t, projected), z, 10), lat_reps),
+               "head, 1 step": median_ms(lambda: model.euler(lambda x, t: vla.expert(x, t, projected), z, 1), lat_reps),
+               "end to end, teacher (10 steps)": median_ms(lambda: vla.sample(scaffold.to(observations(vla, image, text, proprio), proc.device), 10), lat_reps),
+               "end to end, one-step student": median_ms(lambda: vla.sample(scaffold.to(observations(vla, image, text, proprio), proc.device), 1), lat_reps),
+               "floor: 1 prefix pass + 1 expert pass": median_ms(lambda: vla.denoise(z, torch.ones(1, device=proc.device), vla.prefix(one)), lat_reps)}
+    rows += [f"| {k} | {v:.1f} |" for k, v in lat.items()]
+    rows.append(f"| one-step speed-up end to end (teacher / student) | {lat['end to end, teacher (10 steps)'] / lat['end to end, one-step student']:.2f}x |")
+    x = 512 if cfg.quick else 2048
+    a, b = torch.randn(x, x, device=proc.device), torch.randn(x, x, device=proc.device)
+    with cast():
+        peak = 2 * x ** 3 / (median_ms(lambda: a @ b, 5) / 1000)
+    images = random_images(B)
+    batch = scaffold.to(observations(vla, images, ["push the puck to the teal marker\n"] * B, torch.randn(B, 4), chunk=8), proc.device)
+    rows += ["", f"| training step, batch {B} | step (ms) | samples/s | activations kept (MB) | peak {'GPU' if proc.cuda else 'process'} memory (MB) | GFLOP | MFU |",
+             "|---|---|---|---|---|---|---|"]
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m = model.VLA(dataclasses.replace(vla.cfg, grad_checkpoint=ckpt), vla.tokenizer, vlm_config=vla.vlm.config.to_dict())
+        m.load_state_dict(vla.state_dict())
+        m.to(proc.device).train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
+
+        def step():
+            with cast():
+                loss = m.loss(batch)["loss"]
+            scaffold.update(opt, loss, 1.0)
+        if proc.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        with cast():
+            kept = saved_mb(lambda: m.loss(batch))
+        with FlopCounterMode(display=False) as counter:
+            step()
+        ms = median_ms(step, reps)
+        mem = torch.cuda.max_memory_allocated() / 2 ** 20 if proc.cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rows.append(f"| {'gradient checkpointing' if ckpt else 'plain'} | {ms:.0f} | {1000 * B / ms:.2f} | {kept:.0f} | {mem:.0f} | "
+                    f"{counter.get_total_flops() / 1e9:.0f} | {counter.get_total_flops() / (ms / 1000) / peak:.1%} |")
+        del m, opt
+    return rows + ["", f"MFU: FLOPs counted by torch's FlopCounterMode over one step / step time / {peak / 1e9:.0f} GFLOP/s, "
+                       f"a {x}x{x} matmul measured now{' in bf16' if bf16 else ' in fp32'}. Process memory on a CPU is the "
+                       "peak resident set so far (weights, AdamW states, activations, Python), not per row."]
+
+def main(cfg: Bench, argv: list[str] | None = None):
     import sim  # noqa: F401  (it picks MuJoCo's OpenGL backend, which the header reports)
     head = (f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}, numpy {np.__version__}")
@@ -205,7 +331,9 @@ def main(cfg: Bench):
                     model=("The VLA (tiny, CPU) vs transformers' PI0ForConditionalGeneration", bench_model),
                     training=("Training throughput and model FLOP utilisation", bench_training),
                     latency=("Inference latency per action chunk, batch 1", bench_latency))
-    md = [head]
+    md = [head] + ([f"command: `{' '.join(['python bench.py', *argv])}`"] if argv is not None else [])
+    if cfg.size != "tiny":  # a real size: that section alone
+        sections = dict(real=(f"The VLA at real size ({cfg.size})", bench_real))
     for key, (title, fn) in sections.items():
         if cfg.only in ("", key):
             part = [f"\n#### {title}\n", *fn(cfg)]
@@ -216,4 +344,4 @@ def main(cfg: Bench):
         Path(cfg.out).write_text("\n".join(md) + "\n")
 
 if __name__ == "__main__":
-    main(tyro.cli(Bench))
+    main(tyro.cli(Bench), sys.argv[1:])

@@ -68,7 +68,7 @@ class Report:
     """The results tables (markdown) from out/eval/*.json and bench.py's out/bench.md."""
     results: str = "out/eval"
     bench: str = "out/bench.md"
-    tables: str = "results"  # experiment tables: every <tables>/<table>/table.json (experiments/run.py)
+    tables: str = "results"  # experiment tables: every <tables>/<table>/table.json (experiments/run.py); bench runs in <tables>/real/
     readme: str | None = None  # also replace the README's generated section (between its markers)
 
 # --- Closed-loop success ----------------------------------------------------------------------
@@ -338,6 +338,8 @@ def report_markdown(cfg: Report) -> str:
     bench = Path(cfg.bench)
     if bench.is_file():
         out += ["**Speed** (`python bench.py`)", "", bench.read_text().strip(), ""]
+    for f in sorted(Path(cfg.tables).glob("real/bench_*.md")):  # bench.py runs kept beside the tables (each names its command)
+        out += [f"**Speed: {f.stem.removeprefix('bench_').replace('_', ', ')}** (`{f}`)", "", f.read_text().strip(), ""]
     root = Path(__file__).resolve().parent
     files = {p.name: p.read_text() for p in sorted(root.glob("*.py"))}  # concept: the docstring's first line
     tests = sum(len(p.read_text().splitlines()) for p in (root / "tests").glob("*.py"))

@@ -97,3 +97,19 @@ def test_bench_quick_mode_prints_every_table(tmp_path):
         assert title in text
     mfu = float(text.split("| MFU |")[1].split("\n")[2].split("|")[-2].strip().rstrip("%"))
     assert 0 < mfu < 100  # a measured fraction of a peak measured in the same run
+
+
+def test_bench_at_a_real_size_times_latency_training_and_memory(tmp_path):
+    """bench.py --size <a VLM folder or preset>: the real-size section alone, on a tiny VLM saved
+    as a SmolVLM folder is (the presets take minutes on a CPU); checkpointing keeps fewer activations."""
+    import bench
+    from test_model import smolvlm_like
+    path, *_ = smolvlm_like(tmp_path)
+    out = tmp_path / "bench.md"
+    bench.main(bench.Bench(quick=True, size=str(path), out=str(out)))
+    text = out.read_text()
+    assert "real size" in text and "Collection" not in text
+    for row in ("VLM prefix pass", "end to end, teacher (10 steps)", "end to end, one-step student", "floor"):
+        assert row in text
+    plain, ckpt = (line.split("|") for line in text.splitlines() if line.startswith(("| plain", "| gradient checkpointing")))
+    assert float(ckpt[4]) < float(plain[4])  # activations kept (MB)
