@@ -63,7 +63,7 @@ def tiny_tokenizer(n_action_tokens: int, corpus: list[str], vocab_size: int = 10
     tok.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=vocab_size + len(specials), special_tokens=specials, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])  # specials first, in order
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<eos>", additional_special_tokens=specials[3:])
 
@@ -321,7 +321,7 @@ class VLA(nn.Module):
         if cfg.freeze_vision:
             self.vlm.model.vision_model.requires_grad_(False)
         if cfg.grad_checkpoint:  # not the text layers: HF's checkpointing drops the KV cache the expert reads
-            vision = self.vlm.model.vision_model  # transformers >= 5.2x renamed the method
+            vision = self.vlm.model.vision_model  # newer transformers name it activation_checkpointing_enable
             (getattr(vision, "activation_checkpointing_enable", None) or vision.gradient_checkpointing_enable)(dict(use_reentrant=False))
 
     device = property(lambda self: next(self.parameters()).device)
