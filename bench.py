@@ -30,6 +30,9 @@ class Bench:
     device: str = "auto"  # real size: auto (CUDA if present) | cpu | cuda
     dtype: str = "auto"  # real size: bf16 autocast; auto = on CUDA only
 
+def millions(m: torch.nn.Module) -> float:
+    return sum(p.numel() for p in m.parameters()) / 1e6
+
 def pi0_peer(vla: model.VLA, image_size: int | None = None):
     """transformers' PI0ForConditionalGeneration at about this VLA's size: the timed peer, and the
     tests' check of our flow convention. SigLIP has no pixel shuffle, so at our patch size it sees
@@ -164,9 +167,8 @@ def bench_model(cfg: Bench) -> list[str]:
     peer = peers[1]  # the 32 px peer: its language model sees as many image tokens as ours
     parts = [forward_ms(vla, dict(vision=vla.vlm.model.vision_model, text=vla.vlm.model.text_model, head=vla.expert), losses[0], reps),
              forward_ms(peer, dict(vision=peer.model.vlm.vision_tower, text=peer.model.vlm.language_model, head=peer.model.dit), losses[2], reps)]
-    n = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
-    rows = [f"parameters: ours {n(vla):.2f}M (VLM {n(vla.vlm):.2f}M + expert {n(vla.expert):.2f}M), "
-            f"PI0 peer {n(peer):.2f}M; torch threads {torch.get_num_threads()}; median of {reps} turns", "",
+    rows = [f"parameters: ours {millions(vla):.2f}M (VLM {millions(vla.vlm):.2f}M + expert {millions(vla.expert):.2f}M), "
+            f"PI0 peer {millions(peer):.2f}M; torch threads {torch.get_num_threads()}; median of {reps} turns", "",
             "| measure | " + " | ".join(heads) + " | ours / PI0 64 px | ours / PI0 32 px |", "|---|---|---|---|---|---|"]
     for i, name in enumerate([f"train step, batch {B} (ms)", "sample 1 chunk, 10 steps (ms)", "sample 1 chunk, 1 step (ms)"]):
         v = [c[i] for c in cols]
@@ -264,13 +266,12 @@ def bench_real(cfg: Bench) -> list[str]:
     cast, bf16 = (lambda: scaffold.autocast(proc, cfg.dtype)), scaffold.bf16(proc, cfg.dtype)
     torch.manual_seed(0)
     vla = model.VLA(model.VLAConfig(vlm=cfg.size), corpus=etc.corpus()).to(proc.device)
-    n = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
     B, reps = (2, 1) if cfg.quick else ((cfg.batch, cfg.repeats) if proc.cuda else (4, 2))  # seconds per CPU step
     lat_reps = 1 if cfg.quick else (5 * cfg.repeats if proc.cuda else 5)
     image, text, proprio = random_images(1), ["push the puck to the teal marker\n"], torch.zeros(1, 4)
     one = scaffold.to(observations(vla, image, text, proprio), proc.device)
     vc = vla.vlm.config.vision_config
-    rows = [f"{cfg.size}: VLM {n(vla.vlm):.1f}M + expert {n(vla.expert):.1f}M parameters; {vc.image_size} px, "
+    rows = [f"{cfg.size}: VLM {millions(vla.vlm):.1f}M + expert {millions(vla.expert):.1f}M parameters; {vc.image_size} px, "
             f"{one['input_ids'].shape[1]} prefix tokens ({vla.image_ids.count(vla.vlm.config.image_token_id)} image); "
             f"{proc.device}{' ' + torch.cuda.get_device_name() if proc.cuda else f', {torch.get_num_threads()} threads'}, "
             f"{'bf16 autocast' if bf16 else 'fp32'}; median of {lat_reps} (latency) and {reps} (training) timed runs after a warm-up",
@@ -296,9 +297,9 @@ def bench_real(cfg: Bench) -> list[str]:
     batch = scaffold.to(observations(vla, images, ["push the puck to the teal marker\n"] * B, torch.randn(B, 4), chunk=8), proc.device)
     rows += ["", f"| training step, batch {B} | step (ms) | samples/s | activations kept (MB) | peak {'GPU' if proc.cuda else 'process'} memory (MB) | GFLOP | MFU |",
              "|---|---|---|---|---|---|---|"]
-    for ckpt in (False, True):
-        torch.manual_seed(0)
-        m = model.VLA(dataclasses.replace(vla.cfg, grad_checkpoint=ckpt), vla.tokenizer, vlm_config=vla.vlm.config.to_dict())
+    for ckpt in (False, True):  # the VLA itself, then a copy that checkpoints (the config is frozen at build)
+        m = vla if not ckpt else model.VLA(dataclasses.replace(vla.cfg, grad_checkpoint=True), vla.tokenizer,
+                                           vlm_config=vla.vlm.config.to_dict())
         m.load_state_dict(vla.state_dict())
         m.to(proc.device).train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-5)

@@ -246,6 +246,12 @@ def closed_loop(vla: model.VLA, tasks: list[str], episodes: int, variation: sim.
     vla.train()
     return out
 
+def probe(f, vla: model.VLA, net: torch.nn.Module, items: list[tuple], proc: Process, done: int, steps: int, every: int):
+    """Once in a while during training (the end is the summary's): held-out ETC accuracy into the
+    log f, on rank 0. Sharded (FSDP2) weights are not whole on one rank: probed at the end only."""
+    if proc.rank == 0 and items and done < steps and due(done, every) and not sharded(net):
+        log(f, dict(step=done, etc=etc_accuracy(vla, items)), echo=False)
+
 def etc_accuracy(vla: model.VLA, items: list[tuple], by: str = "level") -> dict:
     """Greedy answers to (dataset, record) ETC items, scored per level (or kind) by etc.scores."""
     return etc.scores([r for _, r in items], etc_answers(vla, items), by=by)

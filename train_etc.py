@@ -85,8 +85,7 @@ def main(cfg: Config):
                 scaffold.log(log, dict(step=step, lm=logs["lm"], lr=lr, ms=1000 * dt, samples_s=cfg.batch / dt))
             if done < cfg.steps and scaffold.due(done, cfg.save_every):
                 save(done)
-            if proc.rank == 0 and done < cfg.steps and scaffold.due(done, cfg.eval_every) and not scaffold.sharded(net):  # sharded: at the end
-                scaffold.log(log, dict(step=done, etc=scaffold.etc_accuracy(vla, probe)), echo=False)
+            scaffold.probe(log, vla, net, probe, proc, done, cfg.steps, cfg.eval_every)
     except KeyboardInterrupt:
         scaffold.interrupted(save, done, out)
     save(cfg.steps)

@@ -147,8 +147,7 @@ def main(cfg: Config):
                                        etc_frac=float(np.mean(seen[-max(cfg.log_every, 1):]))))
             if done < cfg.steps and scaffold.due(done, cfg.save_every):
                 save(done)
-            if proc.rank == 0 and probe and done < cfg.steps and scaffold.due(done, cfg.eval_every) and not scaffold.sharded(net):
-                scaffold.log(log, dict(step=done, etc=scaffold.etc_accuracy(vla, probe)), echo=False)
+            scaffold.probe(log, vla, net, probe, proc, done, cfg.steps, cfg.eval_every)
     except KeyboardInterrupt:
         scaffold.interrupted(save, done, out)
     save(cfg.steps)

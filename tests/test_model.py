@@ -258,18 +258,13 @@ def test_presets_build_the_published_smolvlm_architectures_offline():
         assert len(m.expert.layers) == m.vlm.config.text_config.num_hidden_layers
 
 
-def saved_bytes(m, batch) -> tuple[int, float, list]:
-    """(bytes of activations autograd saves for backward, the loss, the gradients) of one step."""
-    seen = {}
-
-    def pack(t):
-        seen[(t.data_ptr(), t.shape)] = t.numel() * t.element_size()
-        return t
+def one_step(m, batch) -> tuple[float, float, list]:
+    """(MB of activations autograd keeps for backward (bench.saved_mb), the loss, the gradients)."""
     m.zero_grad()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = m.loss(batch, generator=torch.Generator().manual_seed(0))["loss"]
-    loss.backward()
-    return sum(seen.values()), loss.item(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
+    out = {}
+    kept = bench.saved_mb(lambda: out.update(m.loss(batch, generator=torch.Generator().manual_seed(0))))
+    out["loss"].backward()
+    return kept, out["loss"].item(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
 
 
 def test_gradient_checkpointing_saves_memory_and_changes_no_gradient(vla):
@@ -277,7 +272,7 @@ def test_gradient_checkpointing_saves_memory_and_changes_no_gradient(vla):
     ckpt = model.VLA(model.VLAConfig(grad_checkpoint=True), vla.tokenizer, vlm_config=vla.vlm.config.to_dict())
     ckpt.load_state_dict(vla.state_dict())
     b = fakes.fake_batch(vla, 4)
-    (mem, loss, grads), (mem_c, loss_c, grads_c) = saved_bytes(vla.train(), b), saved_bytes(ckpt.train(), b)
+    (mem, loss, grads), (mem_c, loss_c, grads_c) = one_step(vla.train(), b), one_step(ckpt.train(), b)
     assert loss == loss_c and mem_c < 0.8 * mem
     for g, gc in zip(grads, grads_c):
         torch.testing.assert_close(g, gc)
