@@ -3,6 +3,7 @@
     python eval.py success --ckpt out/stage3                    # target scene, 3 seeds x 10 layouts per task
     python eval.py success --ckpt out/sdm --object-colors yellow "0,128,255" \\
         --instruction "push the yellow puck to the green dot"   # any colour, any instruction text
+    python eval.py grounding --ckpt out/stage3                  # does the first chunk go where the colour word says?
     python eval.py etc --ckpt out/stage2                        # ETC accuracy per level, held-out frames
     python eval.py cka --a out/stage1 --b out/stage2            # layer-wise linear CKA between two checkpoints
     python eval.py report                                       # the tables: out/eval/, out/bench.md, results/*/
@@ -41,6 +42,21 @@ class Success:
     workers: int = 2  # processes, each with one environment and a copy of the policy
     gifs: int = 1  # rollout GIFs per task and condition (from the first seed)
     name: str | None = None  # results file stem; default: the checkpoint's folder name
+    out: str = "out/eval"
+
+@dataclass
+class Grounding:
+    """Does the policy read the colour word? Each marker named in turn on fresh layouts, the first
+    chunk compared with the scripted expert's toward each marker: no rollouts, a minute on a CPU."""
+    ckpt: str = "out/stage3"
+    data: str = "data/target"  # the scene (with its goal markers) comes from this dataset's meta.json
+    tasks: tuple[str, ...] = ("reach", "push")  # the grounded tasks
+    goal_colors: tuple[str, ...] | None = None  # one marker per layout in these colours (novel words: OOD); default the dataset's
+    paraphrases: Literal["train", "heldout"] = "train"  # the instruction template or the held-out paraphrase
+    layouts: int = 30  # fresh layouts per task (evaluation seed 0's, as in `success`)
+    draws: int = 4  # noise draws per named marker, the same for every word
+    steps: int | None = None  # Euler steps per chunk; default the checkpoint's
+    name: str | None = None  # results file stem; default grounding_<checkpoint folder>
     out: str = "out/eval"
 
 @dataclass
@@ -170,6 +186,30 @@ def success(cfg: Success) -> dict:
     md = success_markdown(summary, f"{name}: {cfg.ckpt}, {result['steps']} step(s) per chunk")
     (out / f"{name}.md").write_text(md)
     print(md)
+    return result
+
+def grounding(cfg: Grounding) -> dict:
+    vla, ds = model.load(cfg.ckpt), data.Dataset(cfg.data)
+    scaffold.require_trained_head(cfg.ckpt, "probe a policy trained on actions (`python train_vla.py --stage 2`)")
+    for c in cfg.goal_colors or ():
+        sim.parse_color(c)
+    variation = sim.Variation(**{**ds.meta["variation"], **({} if cfg.goal_colors is None else dict(goal_colors=cfg.goal_colors))})
+    tasks = [sim.check_task(t) for t in cfg.tasks]
+    if not variation.markers or any(t not in sim.MARKER_TEXT for t in tasks):
+        raise data.DataError(f"the probe needs goal markers: a dataset collected with --variation.markers 3 "
+                             f"(not {cfg.data}) and tasks among {', '.join(sim.MARKER_TEXT)}")
+    act, novel = scaffold.policy(vla, cfg.steps), {sim.parse_color(c)[0] for c in variation.goal_colors}
+    noise = torch.randn(cfg.draws, vla.cfg.chunk, vla.cfg.action_dim, generator=torch.Generator().manual_seed(0))
+    rows = {t: scaffold.grounding_probe(lambda im, texts, pr: act(im, texts, pr, noise), t, data.eval_seeds(t, 0, cfg.layouts),
+                                        variation, vla.cfg.image_size, vla.cfg.chunk, cfg.paraphrases) for t in tasks}
+    rate = lambda rs: float(np.mean([r["hit"] for r in rs])) if rs else None  # noqa: E731
+    summary = {t: dict(named=rate(rs), novel=rate([r for r in rs if r["word"] in novel]), chance=1 / variation.markers,
+                       named_by_word={w: rate([r for r in rs if r["word"] == w]) for w in sorted({r["word"] for r in rs})})
+               for t, rs in rows.items()}
+    name = cfg.name or f"grounding_{Path(cfg.ckpt).name}"
+    result = dict(kind="grounding", name=name, ckpt=cfg.ckpt, summary=summary, rows=rows, config=asdict(cfg))
+    write_result(Path(cfg.out), result)
+    print(json.dumps(summary))
     return result
 
 # --- ETC accuracy and representation drift ----------------------------------------------------
@@ -362,8 +402,8 @@ def report(cfg: Report) -> str:
     print(md)
     return md
 
-COMMANDS = dict(success=Success, etc=EtcAccuracy, cka=Cka, report=Report)
-RUN = {Success: success, EtcAccuracy: etc_accuracy, Cka: cka, Report: report}
+COMMANDS = dict(success=Success, grounding=Grounding, etc=EtcAccuracy, cka=Cka, report=Report)
+RUN = {Success: success, Grounding: grounding, EtcAccuracy: etc_accuracy, Cka: cka, Report: report}
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -5,7 +5,7 @@ The scripts keep their own explicit `for step in range(...)` loops and call thes
 is a function of (seed, step): train_state.pt holds only the step and the optimizer states.
 """
 import json, math, os, subprocess, sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -199,13 +199,17 @@ def log(f, row: dict, echo: bool = True):
 # --- Evaluation: closed loop in the simulator, and ETC questions ------------------------------
 def policy(vla: model.VLA, steps: int | None = None):
     """run_policy's policy for a VLA: (image, instruction, raw proprio) -> raw actions (H, 4)
-    in [-1, 1], through the normalisation stats the policy was trained with."""
+    in [-1, 1], through the normalisation stats the policy was trained with. Given a list of K
+    texts and noise (N, H, 4): (K, N, H, 4), every text sampled from the same N noises."""
     p, a = ({k: np.array(v) for k, v in vla.stats[n].items()} for n in ("proprio", "actions"))
 
-    def act(image: np.ndarray, instruction: str, proprio: np.ndarray) -> np.ndarray:
-        s = dict(image=image, text=instruction + "\n", proprio=((proprio - p["mean"]) / p["std"]).astype(np.float32))
-        chunk = vla.sample(to(data.collate([s], vla.tokenizer, vla.image_ids), vla.device), steps)[0]
-        return np.clip(chunk.float().cpu().numpy() * a["std"] + a["mean"], -1, 1)
+    def act(image: np.ndarray, instruction: str | list[str], proprio: np.ndarray, noise: torch.Tensor | None = None) -> np.ndarray:
+        texts, n = [instruction] if isinstance(instruction, str) else instruction, 1 if noise is None else len(noise)
+        s = [dict(image=image, text=t + "\n", proprio=((proprio - p["mean"]) / p["std"]).astype(np.float32)) for t in texts for _ in range(n)]
+        z = None if noise is None else noise.repeat(len(texts), 1, 1)
+        chunks = vla.sample(to(data.collate(s, vla.tokenizer, vla.image_ids), vla.device), steps, z)
+        chunks = np.clip(chunks.float().cpu().numpy() * a["std"] + a["mean"], -1, 1)
+        return chunks[0] if noise is None else chunks.reshape(len(texts), n, *chunks.shape[1:])
     return act
 
 def run_policy(policy, task: str, seeds: list[int], instruction, variation: sim.Variation = sim.Variation(),
@@ -235,6 +239,33 @@ def run_policy(policy, task: str, seeds: list[int], instruction, variation: sim.
     finally:
         world.close()
     return results
+
+def grounding_probe(chunks, task: str, seeds: list[int], variation: sim.Variation, image_size: int = 64,
+                    chunk: int = 8, split: str = "train") -> list[dict]:
+    """Does a policy read the colour word? No rollouts: in each layout name each marker in turn and
+    ask which marker's expert chunk the policy's first chunk is nearest to (xyz of every action;
+    chance 1/K). chunks(image, texts (K,), proprio) -> (K, N, H, 4): N draws per text, the same N
+    noises for every text, so only the word differs. One row per (layout, named marker)."""
+    world, rows = sim.World(task, image_size, replace(variation, ambiguous=0.0)), []
+    try:
+        for seed in seeds:
+            world.seed(seed)
+            image, proprio, texts, experts = world.render(), world.proprio(), [], []
+            for j in range(len(world.markers)):
+                world.seed(seed, goal=j)  # the same markers, marker j named
+                texts.append(world.instruction("right", split)[0])
+                experts.append([])
+                for _ in range(chunk):  # the scripted expert's first chunk toward marker j
+                    experts[-1].append(world.expert_action())
+                    world.step(experts[-1][-1])
+            got, want = chunks(image, texts, proprio)[..., :3], np.array(experts)[..., :3]  # (K, N, H, 3), (K, H, 3)
+            gap = np.linalg.norm(got[:, :, None] - want[None, None], axis=(-2, -1))  # (K named, N, K experts)
+            nearest = gap.argmin(-1)  # (K, N): the marker whose expert chunk each draw is closest to
+            rows += [dict(seed=seed, word=w, hit=float(np.mean(nearest[j] == j)), nearest=nearest[j].tolist())
+                     for j, w in enumerate(world.marker_words)]
+    finally:
+        world.close()
+    return rows
 
 def closed_loop(vla: model.VLA, tasks: list[str], episodes: int, variation: sim.Variation, split: str = "train") -> dict:
     """Success per task on evaluation seed 0's fresh layouts (eval.py success's first seed)."""

@@ -255,8 +255,9 @@ class World:
             ids = [g for g in range(m.ngeom) if m.geom_bodyid[g] == table]
             m.geom_rgba[ids, :3], m.geom_matid[ids] = parse_color(var.table_color)[1], -1
 
-    def seed(self, seed: int) -> np.ndarray:
-        """Reset to the layout (and camera jitter) that `seed` determines; returns the obs."""
+    def seed(self, seed: int, goal: int | None = None) -> np.ndarray:
+        """Reset to the layout (and camera jitter) that `seed` determines; returns the obs. goal:
+        make marker `goal` the goal (the same markers, another one named); None: the layout's pick."""
         self.env.seed(seed)
         obs, _ = self.env.reset()
         # reset moves bodies through model.body_pos; forward so positions match at step 0
@@ -267,10 +268,10 @@ class World:
         self.camera = jitter_camera(self.base_camera, self.variation.camera_jitter, rng)
         self.markers, self.marker_colors, self.marker_words, self.marker_rgb, self.goal_marker = np.zeros((0, 3)), [], (), (), -1
         if self.variation.markers and self.task in MARKER_TEXT:
-            self._place_markers(np.random.default_rng([seed, 11]))
+            self._place_markers(np.random.default_rng([seed, 11]), goal)
         return self.obs
 
-    def _place_markers(self, rng: np.random.Generator):
+    def _place_markers(self, rng: np.random.Generator, goal_index: int | None = None):
         """K markers MARKER_GAP apart, distinct colours, the first the goal (ambiguous: the second has its
         colour and the goal is either, 50/50); the env's target and the expert's observation follow."""
         var, (low, high), k = self.variation, MARKER_REGION, self.variation.markers
@@ -291,6 +292,8 @@ class World:
         self.markers = np.column_stack([xy, z])
         self.marker_words, self.marker_rgb = zip(*(parse_color(c) for c in self.marker_colors))
         self.goal_marker = int(rng.integers(2)) if ambiguous else 0
+        if goal_index is not None and not (ambiguous and goal_index < 2):  # a twin named: the 50/50 pick stands
+            self.goal_marker = goal_index % k
         self.env._target_pos = self.markers[self.goal_marker].copy()
         self.model.site("goal").pos = self.env._target_pos
         self.obs[-3:] = self.env._target_pos  # the goal-observable expert reads it here

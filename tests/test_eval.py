@@ -1,12 +1,14 @@
-"""eval.py: success counting, the JSON/markdown writers, CKA, rollouts under any colour and text."""
+"""eval.py: success counting, the JSON/markdown writers, CKA, rollouts under any colour and text, the grounding probe."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import data
 import eval as ev
 import model
+import scaffold
 
 
 def test_success_is_counted_per_seed_and_summarised_over_seeds():
@@ -74,6 +76,54 @@ def test_grounded_rollouts_name_a_marker_and_report_where_the_episode_ended(mode
         assert texts == [""]
     else:  # the goal is teal, so only 'wrong' names another colour
         assert all(("teal" in t) == (mode == "right") and "marker" in t for t in texts), texts
+
+
+def test_grounding_probe_scores_a_word_reading_policy_at_one_and_a_blind_one_at_chance():
+    """The probe's reference is the scripted expert's first chunk toward each marker. A policy that heads where
+    the word says hits every time; one that ignores the word (always the first marker's chunk) hits 1/K."""
+    var, layouts = data.sim.Variation(markers=3), data.eval_seeds("reach", 0, 4)
+    ref, calls = data.sim.World("reach", variation=var), iter(layouts * 2)  # the probe asks once per layout, in order
+
+    def expert_chunk(seed: int, j: int) -> np.ndarray:  # (8, 4): the expert's first actions toward marker j
+        ref.seed(seed, goal=j)
+        actions = []
+        for _ in range(8):
+            actions.append(ref.expert_action())
+            ref.step(actions[-1])
+        return np.stack(actions)
+
+    def named(seed: int, text: str) -> int:  # the marker whose colour word the text says
+        ref.seed(seed)
+        return next(j for j, w in enumerate(ref.marker_words) if f" {w} " in text)
+
+    def oracle(image, texts, proprio):  # (K, 1, 8, 4): heads where each text's word says
+        seed = next(calls)
+        return np.stack([[expert_chunk(seed, named(seed, t))] for t in texts])
+
+    def blind(image, texts, proprio):  # the first marker's chunk whatever the word
+        return np.stack([[expert_chunk(next(calls), 0)]] * len(texts))
+    try:
+        reading, ignoring = (scaffold.grounding_probe(p, "reach", layouts, var) for p in (oracle, blind))
+        reading, ignoring = [r["hit"] for r in reading], [r["hit"] for r in ignoring]
+    finally:
+        ref.close()
+    assert reading == [1.0] * 12 and ignoring == [1.0, 0.0, 0.0] * 4
+
+
+def test_grounding_command_writes_rates_per_task_and_word_and_needs_markers(dataset_path, tmp_path):
+    ds = data.collect(data.Collect(tasks=("reach",), episodes=1, out=str(tmp_path / "ds"), workers=1,
+                                   variation=data.sim.Variation(markers=3)))
+    torch.manual_seed(0)
+    model.VLA(model.VLAConfig(), stats=data.Dataset(ds).meta["stats"]).save(tmp_path / "policy")
+    cfg = ev.Grounding(ckpt=str(tmp_path / "policy"), data=str(ds), tasks=("reach",), goal_colors=("teal=0,0.5,0.5",),
+                       layouts=3, draws=2, steps=2, out=str(tmp_path / "eval"))
+    result = ev.grounding(cfg)
+    rows, s = result["rows"]["reach"], result["summary"]["reach"]
+    assert len(rows) == 9 and all(len(r["nearest"]) == 2 for r in rows) and s["chance"] == 1 / 3
+    assert s["novel"] == np.mean([r["hit"] for r in rows if r["word"] == "teal"]) == s["named_by_word"]["teal"]
+    assert json.loads((tmp_path / "eval" / "grounding_policy.json").read_text())["summary"] == result["summary"]
+    with pytest.raises(data.DataError, match="--variation.markers 3"):  # a dataset without markers: the fix named
+        ev.grounding(ev.Grounding(ckpt=cfg.ckpt, data=str(dataset_path), out=cfg.out))
 
 
 def test_bad_input_stops_clearly(dataset_path, tmp_path, capsys):

@@ -147,9 +147,9 @@ def test_bad_task_and_colour_name_the_fix():
 
 
 # --- Coloured goal markers: the instruction names the goal only by its colour ----------------
-def run_expert(w: sim.World, seed: int, max_steps: int = 300) -> tuple[bool, int]:
+def run_expert(w: sim.World, seed: int, max_steps: int = 300, goal: int | None = None) -> tuple[bool, int]:
     """One scripted episode: (success, index of the marker the hand (reach) or puck (push) ended nearest)."""
-    w.seed(seed)
+    w.seed(seed, goal)
     ok = False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -194,6 +194,22 @@ def test_markers_are_apart_distinct_and_named_in_the_instruction():
                 u, v = w.project(w.markers[i]).astype(int)
                 r, g, b = w.render()[v, u].astype(int)
                 assert g > r + 80 and b > r + 80 and abs(g - b) < 40, (r, g, b)  # teal's hue, lit
+    finally:
+        w.close()
+
+
+def test_seed_can_name_another_marker_of_the_same_layout():
+    """seed(s, goal=j): the same markers, marker j the goal, named in the instruction, and the expert goes there."""
+    w = sim.World("reach", variation=sim.Variation(markers=3))
+    try:
+        w.seed(5)
+        markers, words = w.markers.copy(), w.marker_words
+        for j in range(3):
+            w.seed(5, goal=j)
+            assert np.allclose(w.markers, markers) and w.marker_words == words and w.goal_marker == j
+            assert np.allclose(w.goal(), markers[j]) and f" {words[j]} marker" in w.instruction()[0]
+            ok, nearest = run_expert(w, 5, goal=j)
+            assert ok and nearest == j
     finally:
         w.close()
 
