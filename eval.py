@@ -191,14 +191,13 @@ def success(cfg: Success) -> dict:
 def grounding(cfg: Grounding) -> dict:
     vla, ds = model.load(cfg.ckpt), data.Dataset(cfg.data)
     scaffold.require_trained_head(cfg.ckpt, "probe a policy trained on actions (`python train_vla.py --stage 2`)")
-    for c in cfg.goal_colors or ():
-        sim.parse_color(c)
     variation = sim.Variation(**{**ds.meta["variation"], **({} if cfg.goal_colors is None else dict(goal_colors=cfg.goal_colors))})
     tasks = [sim.check_task(t) for t in cfg.tasks]
     if not variation.markers or any(t not in sim.MARKER_TEXT for t in tasks):
         raise data.DataError(f"the probe needs goal markers: a dataset collected with --variation.markers 3 "
                              f"(not {cfg.data}) and tasks among {', '.join(sim.MARKER_TEXT)}")
-    act, novel = scaffold.policy(vla, cfg.steps), {sim.parse_color(c)[0] for c in variation.goal_colors}
+    novel = {sim.parse_color(c)[0] for c in variation.goal_colors}  # an unknown colour stops here, the forms named
+    act = scaffold.policy(vla, cfg.steps)
     noise = torch.randn(cfg.draws, vla.cfg.chunk, vla.cfg.action_dim, generator=torch.Generator().manual_seed(0))
     rows = {t: scaffold.grounding_probe(lambda im, texts, pr: act(im, texts, pr, noise), t, data.eval_seeds(t, 0, cfg.layouts),
                                         variation, vla.cfg.image_size, vla.cfg.chunk, cfg.paraphrases) for t in tasks}

@@ -200,7 +200,7 @@ def log(f, row: dict, echo: bool = True):
 def policy(vla: model.VLA, steps: int | None = None):
     """run_policy's policy for a VLA: (image, instruction, raw proprio) -> raw actions (H, 4)
     in [-1, 1], through the normalisation stats the policy was trained with. Given a list of K
-    texts and noise (N, H, 4): (K, N, H, 4), every text sampled from the same N noises."""
+    texts (and noise (N, H, 4)): (K, N, H, 4), every text sampled from the same N noises (N = 1)."""
     p, a = ({k: np.array(v) for k, v in vla.stats[n].items()} for n in ("proprio", "actions"))
 
     def act(image: np.ndarray, instruction: str | list[str], proprio: np.ndarray, noise: torch.Tensor | None = None) -> np.ndarray:
@@ -209,7 +209,7 @@ def policy(vla: model.VLA, steps: int | None = None):
         z = None if noise is None else noise.repeat(len(texts), 1, 1)
         chunks = vla.sample(to(data.collate(s, vla.tokenizer, vla.image_ids), vla.device), steps, z)
         chunks = np.clip(chunks.float().cpu().numpy() * a["std"] + a["mean"], -1, 1)
-        return chunks[0] if noise is None else chunks.reshape(len(texts), n, *chunks.shape[1:])
+        return chunks[0] if isinstance(instruction, str) and noise is None else chunks.reshape(len(texts), n, *chunks.shape[1:])
     return act
 
 def run_policy(policy, task: str, seeds: list[int], instruction, variation: sim.Variation = sim.Variation(),
@@ -249,10 +249,11 @@ def grounding_probe(chunks, task: str, seeds: list[int], variation: sim.Variatio
     world, rows = sim.World(task, image_size, replace(variation, ambiguous=0.0)), []
     try:
         for seed in seeds:
-            world.seed(seed)
-            image, proprio, texts, experts = world.render(), world.proprio(), [], []
-            for j in range(len(world.markers)):
+            texts, experts = [], []
+            for j in range(variation.markers):
                 world.seed(seed, goal=j)  # the same markers, marker j named
+                if j == 0:  # the start the policy sees: the same image and state whichever marker is named
+                    image, proprio = world.render(), world.proprio()
                 texts.append(world.instruction("right", split)[0])
                 experts.append([])
                 for _ in range(chunk):  # the scripted expert's first chunk toward marker j

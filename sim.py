@@ -256,8 +256,7 @@ class World:
             m.geom_rgba[ids, :3], m.geom_matid[ids] = parse_color(var.table_color)[1], -1
 
     def seed(self, seed: int, goal: int | None = None) -> np.ndarray:
-        """Reset to the layout (and camera jitter) that `seed` determines; returns the obs. goal:
-        make marker `goal` the goal (the same markers, another one named); None: the layout's pick."""
+        """Reset to the layout (and camera jitter) that `seed` determines, marker `goal` the goal if given; returns the obs."""
         self.env.seed(seed)
         obs, _ = self.env.reset()
         # reset moves bodies through model.body_pos; forward so positions match at step 0
@@ -293,7 +292,7 @@ class World:
         self.marker_words, self.marker_rgb = zip(*(parse_color(c) for c in self.marker_colors))
         self.goal_marker = int(rng.integers(2)) if ambiguous else 0
         if goal_index is not None and not (ambiguous and goal_index < 2):  # a twin named: the 50/50 pick stands
-            self.goal_marker = goal_index % k
+            self.goal_marker = goal_index % k  # the same markers, another one named
         self.env._target_pos = self.markers[self.goal_marker].copy()
         self.model.site("goal").pos = self.env._target_pos
         self.obs[-3:] = self.env._target_pos  # the goal-observable expert reads it here
