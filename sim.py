@@ -101,15 +101,20 @@ def instructions(task: str, color: str | None = None, split: str = "train", mark
 PALETTE = {"red": (0.85, 0.1, 0.1), "green": (0.1, 0.7, 0.2), "blue": (0.1, 0.3, 0.9), "yellow": (0.95, 0.85, 0.1),
            "orange": (1.0, 0.5, 0.0), "purple": (0.55, 0.2, 0.75), "pink": (1.0, 0.45, 0.7), "cyan": (0.0, 0.8, 0.85),
            "white": (0.95, 0.95, 0.95), "black": (0.08, 0.08, 0.08), "gray": (0.5, 0.5, 0.5), "brown": (0.45, 0.28, 0.12)}
-MARKER_RGBA = (0.1, 1.0, 0.1, 1.0)  # the goal marker: bright green, enlarged from
-MARKER_RADIUS = 0.035  # Meta-World's 2 cm site so that it is ~5 px wide at 64 px
+MARKER_RGBA = (0.1, 1.0, 0.1, 1.0)  # the single goal marker (no --variation.markers): bright green
+# 6 cm, ~9 px wide at 64 px (Meta-World's site is 2 cm). Colour-to-place binding is what the tiny
+# VLM learns slowest: held-out "where is the <colour> marker?" after 1,500 ETC steps named the right
+# marker 0.47 of the time at 3.5 cm (5 px; chance 0.33) and 0.65 at 6 cm. A marker can hide the
+# hand or puck that has reached it, inside the 5 cm success radius.
+MARKER_RADIUS = 0.06
 # The grounded tasks: K coloured markers, one the goal, named only by its colour ("{m}").
 MARKER_TEXT = {
     "reach": ("puck", "reach the {m} marker | move the gripper to the {m} marker | touch the {m} marker | put your hand on the {m} dot"),
     "push": ("puck", "push the {o} to the {m} marker | slide the {o} to the {m} marker | move the {o} onto the {m} marker | nudge the {o} over to the {m} dot"),
 }
-# Where markers go (x, y; z: the goal range's), and apart by > 2 x the 5 cm success radius.
-MARKER_REGION, MARKER_GAP = ((-0.18, 0.78), (0.18, 0.92)), 0.12
+# Where markers go (x, y; z: the goal range's), apart by > 2 x the 5 cm success radius and by
+# 3 cm more than a marker's width (in 95% of layouts their centres are >= 9 px apart at 64 px).
+MARKER_REGION, MARKER_GAP = ((-0.2, 0.76), (0.2, 0.9)), 0.15
 
 def parse_color(text: str) -> tuple[str, tuple[float, float, float]]:
     """'blue', 'r,g,b' (0-255 or 0-1) or 'name=r,g,b' -> (word, rgb in [0, 1]). A new word goes verbatim
@@ -153,7 +158,7 @@ class Variation:
 class Camera:
     """A MuJoCo free camera; the defaults frame the whole workspace at 64 px."""
     lookat: tuple[float, float, float] = (0.0, 0.72, 0.08)  # close, from the front right, 45 degrees down:
-    distance: float = 0.9  # the puck and the markers are 3-5 px wide, none hidden by the arm
+    distance: float = 0.9  # the puck is 3-5 px wide and a marker ~9, none hidden by the arm
     azimuth: float = 150.0  # degrees about z
     elevation: float = -45.0  # degrees, negative looks down
     fovy: float = 45.0  # vertical field of view in degrees (Meta-World's model default)
