@@ -28,6 +28,10 @@ NOVEL="teal=0,0.5,0.5 lime=0.6,1,0.2"  # goal colour words that no action data e
 #    bind colour words to places than 30 give), and their ETC records.
 have data/source || run python data.py collect --out data/source --episodes 100 $WORLD $OW
 have data/source/etc.jsonl || run python etc.py --data data/source
+#    Many more layouts of the grounded tasks, for ETC only: ETC needs no demonstrations, and
+#    binding colour words to places generalises only past a few hundred scenes.
+have data/scenes || run python data.py collect --out data/scenes --episodes 300 --tasks reach push $WORLD --no-actions $OW
+have data/scenes/etc.jsonl || run python etc.py --data data/scenes
 
 # 2. Target domain: the same tasks on a white table, 5 demonstrations each, and their ETC.
 have data/target || run python data.py collect --out data/target --episodes 5 --variation.table-color white $WORLD $OW
@@ -42,8 +46,8 @@ have data/ood/etc.jsonl || run python etc.py --data data/ood --paraphrases heldo
 
 # 4. The three stages: Distribution Bridging, Objective Bridging, Retentive Adaptation
 #    (evaluated below by eval.py, so not again at the end of training).
-train out/stage1 train_etc.py
-train out/stage2 train_vla.py --stage 2 --eval-episodes 0
+train out/stage1 train_etc.py --etc-data data/source data/scenes
+train out/stage2 train_vla.py --stage 2 --etc-data data/source data/scenes --eval-episodes 0
 train out/stage3 train_vla.py --stage 3 --eval-episodes 0
 
 # 4b. Baselines from the same stage 1 / stage 2: stage 2 with actions only (retention), and

@@ -1,6 +1,6 @@
 """Stage 1 of ETC bridging, Distribution Bridging: ETC question answering only, no actions.
 
-    python train_etc.py                              # data/source ETC -> out/stage1
+    python train_etc.py                              # data/source + data/scenes ETC -> out/stage1
     python train_etc.py --freeze-vision              # the paper's ablation (it hurt there)
     torchrun --nproc_per_node=2 train_etc.py         # PyTorch DDP
 
@@ -19,7 +19,7 @@ import data, etc, model, scaffold
 
 @dataclass
 class Config:
-    etc_data: tuple[str, ...] = ("data/source",)  # datasets whose etc.jsonl to train on
+    etc_data: tuple[str, ...] = ("data/source", "data/scenes")  # datasets whose etc.jsonl to train on
     out: str = "out/stage1"  # output checkpoint folder
     vlm: str = "tiny"  # the base VLM: "tiny" or a path / hub id
     steps: int = 1500  # optimiser steps

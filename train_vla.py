@@ -20,7 +20,7 @@ import data, etc, model, scaffold, sim
 
 # Stage defaults; any of them can be overridden on the command line.
 STAGES = {
-    2: dict(action_data="data/source", etc_data=("data/source",), init="out/stage1", out="out/stage2",
+    2: dict(action_data="data/source", etc_data=("data/source", "data/scenes"), init="out/stage1", out="out/stage2",
             steps=3000, lr=5e-4, etc_start=0.5, etc_end=0.2, expert_warmup=200),
     3: dict(action_data="data/target", etc_data=("data/target", "data/ood"), init="out/stage2", out="out/stage3",
             steps=800, lr=1e-4, etc_start=0.3, etc_end=0.3, expert_warmup=0),

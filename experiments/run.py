@@ -164,7 +164,7 @@ def main(cfg: Config):
     unknown = set(cfg.cells) - set(spec["cells"])
     if unknown:
         sys.exit(f"error: no cell {sorted(unknown)} in {cfg.table}; its cells are {list(spec['cells'])}")
-    needed = [f"data/{d}/etc.jsonl" for d in ("source", "target", "ood")]
+    needed = [f"data/{d}/etc.jsonl" for d in ("source", "scenes", "target", "ood")]
     if not all(map(os.path.exists, needed)):
         if Path(cfg.root).resolve() != ROOT:
             sys.exit(f"error: {cfg.root} lacks {needed}; make them with `bash pipeline.sh data` and copy data/ there")

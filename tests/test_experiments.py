@@ -29,16 +29,16 @@ def test_bootstrap_interval_on_known_cases():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """data/source, data/target and data/ood of the grounded world: reach and push, 3 markers."""
+    """data/source, data/scenes, data/target and data/ood of the grounded world: reach and push, 3 markers."""
     import data
     import etc
     import sim
     root = tmp_path_factory.mktemp("exp")
     look = dict(markers=3, object_color="black")
-    for name, kw in [("source", {}), ("target", dict(table_color="white")),
+    for name, kw in [("source", {}), ("scenes", {}), ("target", dict(table_color="white")),
                      ("ood", dict(table_color="white", goal_colors=("teal=0,0.5,0.5", "lime=0.6,1,0.2")))]:
         out = root / "data" / name
-        data.collect(data.Collect(tasks=("reach", "push"), episodes=2, out=str(out), workers=1, actions=name != "ood",
+        data.collect(data.Collect(tasks=("reach", "push"), episodes=2, out=str(out), workers=1, actions=name not in ("scenes", "ood"),
                                   variation=sim.Variation(**look, **kw)))
         etc.write(etc.Etc(data=str(out), paraphrases="heldout" if name == "ood" else "train"))
     return root
