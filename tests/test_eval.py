@@ -110,7 +110,7 @@ def test_grounding_probe_scores_a_word_reading_policy_at_one_and_a_blind_one_at_
     assert reading == [1.0] * 12 and ignoring == [1.0, 0.0, 0.0] * 4
 
 
-def test_grounding_command_writes_rates_per_task_and_word_and_needs_markers(dataset_path, tmp_path):
+def test_grounding_command_writes_rates_per_task_and_word_the_report_shows_them_and_needs_markers(dataset_path, tmp_path):
     ds = data.collect(data.Collect(tasks=("reach",), episodes=1, out=str(tmp_path / "ds"), workers=1,
                                    variation=data.sim.Variation(markers=3)))
     torch.manual_seed(0)
@@ -122,6 +122,9 @@ def test_grounding_command_writes_rates_per_task_and_word_and_needs_markers(data
     assert len(rows) == 9 and all(len(r["nearest"]) == 2 for r in rows) and s["chance"] == 1 / 3
     assert s["novel"] == np.mean([r["hit"] for r in rows if r["word"] == "teal"]) == s["named_by_word"]["teal"]
     assert json.loads((tmp_path / "eval" / "grounding_policy.json").read_text())["summary"] == result["summary"]
+    md = ev.report_markdown(ev.Report(results=cfg.out, bench=str(tmp_path / "none.md"), tables=str(tmp_path / "none")))
+    line = next(ln for ln in md.splitlines() if ln.startswith("**Grounding probe**"))  # the report shows the rates
+    assert f"reach {s['named']:.2f} [" in line and f"(novel words {s['novel']:.2f} [" in line and "chance 0.33" in line
     with pytest.raises(data.DataError, match="--variation.markers 3"):  # a dataset without markers: the fix named
         ev.grounding(ev.Grounding(ckpt=cfg.ckpt, data=str(dataset_path), out=cfg.out))
 
