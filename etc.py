@@ -26,6 +26,7 @@ import data, sim
 LEVELS = ("scene", "task", "planning")  # the paper's three ETC levels
 PHASES = ("approach", "grasp", "lift", "move to goal", "release", "push", "pull", "done")
 COORDS = ("point", "box", "contact", "trajectory", "marker", "goal")  # kinds whose answers are pixel coordinates
+KINDS = (*COORDS, "gripper", "color", "nearest", "subgoal", "done", "relation", "motion")  # every question kind
 SECOND_NOUN = {"hammer": "nail", "stick-push": "thermos", "stick-pull": "thermos"}
 
 # --- Phases: the sub-goal plan of an episode, labelled by rules -------------------------------
@@ -152,6 +153,7 @@ class Etc:
     every: int = 4  # questions for one frame in `every`
     paraphrases: Literal["train", "heldout"] = "train"  # instructions in task questions; heldout: OOD language
     seed: int = 0  # picks the instruction paraphrase per episode
+    kinds: tuple[str, ...] = ()  # only these question kinds (e.g. the markers': marker nearest goal relation); () = all
 
 def records(ds: data.Dataset, every: int = 4, paraphrases: str = "train", seed: int = 0) -> list[dict]:
     """All ETC records of a dataset, deterministic in (dataset, every, paraphrases, seed)."""
@@ -173,8 +175,10 @@ def records(ds: data.Dataset, every: int = 4, paraphrases: str = "train", seed: 
     return recs
 
 def write(cfg: Etc) -> Path:
+    if set(cfg.kinds) - set(KINDS):
+        raise data.DataError(f"--kinds {' '.join(sorted(set(cfg.kinds) - set(KINDS)))}: the kinds are {' '.join(KINDS)}")
     ds = data.Dataset(cfg.data)
-    recs = records(ds, cfg.every, cfg.paraphrases, cfg.seed)
+    recs = [r for r in records(ds, cfg.every, cfg.paraphrases, cfg.seed) if not cfg.kinds or r["kind"] in cfg.kinds]
     out, tmp = ds.path / "etc.jsonl", ds.path / ".etc.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
     tmp.rename(out)  # derived from the dataset, so regenerating it loses nothing

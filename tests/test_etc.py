@@ -1,6 +1,7 @@
 """ETC records: answers replayed against the simulator, their shapes, OOD ETC, phase labels."""
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -87,6 +88,18 @@ def test_every_record_parses_and_lies_in_the_image(dataset_path, dataset):
         assert 0 <= r["frame"] < dataset.meta["tasks"][r["task"]]["frames"]
     # readable: one JSON object per line
     assert json.loads((dataset_path / "etc.jsonl").read_text().splitlines()[0])["task"] in dataset.tasks
+    assert {r["kind"] for r in recs} <= set(etc.KINDS)
+
+
+def test_kinds_keep_only_the_questions_named_and_an_unknown_one_lists_them(dataset_path, tmp_path):
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset_path, copy)
+    every = etc.read(etc.write(etc.Etc(data=str(copy))))
+    some = etc.read(etc.write(etc.Etc(data=str(copy), kinds=("point", "gripper"))))
+    assert some == [r for r in every if r["kind"] in ("point", "gripper")] and len(some) < len(every)
+    with pytest.raises(data.DataError, match="--kinds pointt: the kinds are point box"):
+        etc.write(etc.Etc(data=str(copy), kinds=("pointt",)))
+    assert etc.read(copy / "etc.jsonl") == some  # nothing overwritten by the bad call
 
 
 @pytest.mark.parametrize("color, word", [("yellow", "yellow"), ("teal=0,0.5,0.5", "teal")])
