@@ -203,6 +203,7 @@ def grounding(cfg: Grounding) -> dict:
                                         variation, vla.cfg.image_size, vla.cfg.chunk, cfg.paraphrases) for t in tasks}
     rate = lambda rs: float(np.mean([r["hit"] for r in rs])) if rs else None  # noqa: E731
     summary = {t: dict(named=rate(rs), novel=rate([r for r in rs if r["word"] in novel]), chance=1 / variation.markers,
+                       novel_when_other_named=pulled(rs, novel, variation.markers),
                        named_by_word={w: rate([r for r in rs if r["word"] == w]) for w in sorted({r["word"] for r in rs})})
                for t, rs in rows.items()}
     name = cfg.name or f"grounding_{Path(cfg.ckpt).name}"
@@ -210,6 +211,14 @@ def grounding(cfg: Grounding) -> dict:
     write_result(Path(cfg.out), result)
     print(json.dumps(summary))
     return result
+
+def pulled(rows: list[dict], novel: set[str], k: int) -> float | None:
+    """How often draws head for a layout's novel-word marker when another marker is named: a policy
+    drawn to the new colour whatever the word scores 1.0 on the novel words without reading them."""
+    layouts = [rows[i:i + k] for i in range(0, len(rows), k)]  # the probe's rows: K per layout, in marker order
+    hits = [n == j for lay in layouts for j, x in enumerate(lay) if x["word"] in novel
+            for r in lay if r["word"] not in novel for n in r["nearest"]]
+    return float(np.mean(hits)) if hits else None
 
 # --- ETC accuracy and representation drift ----------------------------------------------------
 def etc_accuracy(cfg: EtcAccuracy) -> dict:
@@ -345,8 +354,14 @@ def grounding_markdown(r: dict) -> list[str]:
             layouts.setdefault(x["seed"], []).append(x["hit"])
         return "{:.2f} [{:.2f}, {:.2f}]".format(*bootstrap([[np.array([np.mean(h) for h in layouts.values()])]]))
     c, novel = r["config"], {sim.parse_color(g)[0] for g in r["config"]["goal_colors"] or ()}
-    cells = [f"{t} {rate(rows)}" + (f" (novel words {rate([x for x in rows if x['word'] in novel])})" if novel else "")
-             for t, rows in r["rows"].items()]
+    cells = []
+    for t, rows in r["rows"].items():
+        if not rows:  # push: the expert's first chunk goes to the puck whichever marker is named
+            cells.append(f"{t} n/a (the expert's first chunk is the same toward every marker)")
+            continue
+        pull = pulled(rows, novel, round(1 / r["summary"][t]["chance"]))
+        cells.append(f"{t} {rate(rows)}" + (f" (novel words {rate([x for x in rows if x['word'] in novel])}; drawn to "
+                                          f"the novel marker when another is named {pull:.2f})" if novel else ""))
     return [f"**Grounding probe** (`eval.py grounding`), {r['ckpt']}: how often the first chunk heads for the named "
             f"marker ({c['layouts']} layouts per task, each marker named in turn, {c['draws']} draws from shared noise; "
             f"chance {next(iter(r['summary'].values()))['chance']:.2f}; 95% intervals over layouts): " + ", ".join(cells), ""]

@@ -245,7 +245,8 @@ def grounding_probe(chunks, task: str, seeds: list[int], variation: sim.Variatio
     """Does a policy read the colour word? No rollouts: in each layout name each marker in turn and
     ask which marker's expert chunk the policy's first chunk is nearest to (xyz of every action;
     chance 1/K). chunks(image, texts (K,), proprio) -> (K, N, H, 4): N draws per text, the same N
-    noises for every text, so only the word differs. One row per (layout, named marker)."""
+    noises for every text, so only the word differs. One row per (layout, named marker); none for a
+    layout whose expert chunks do not tell the markers apart."""
     world, rows = sim.World(task, image_size, replace(variation, ambiguous=0.0)), []
     try:
         for seed in seeds:
@@ -259,7 +260,10 @@ def grounding_probe(chunks, task: str, seeds: list[int], variation: sim.Variatio
                 for _ in range(chunk):  # the scripted expert's first chunk toward marker j
                     experts[-1].append(world.expert_action())
                     world.step(experts[-1][-1])
-            got, want = chunks(image, texts, proprio)[..., :3], np.array(experts)[..., :3]  # (K, N, H, 3), (K, H, 3)
+            want = np.array(experts)[..., :3]  # (K, H, 3)
+            if min(np.linalg.norm(want[i] - want[k]) for i in range(len(want)) for k in range(i)) < 1e-6:
+                continue  # the expert's first chunk is the same toward every marker (push: it goes to the puck first)
+            got = chunks(image, texts, proprio)[..., :3]  # (K, N, H, 3)
             gap = np.linalg.norm(got[:, :, None] - want[None, None], axis=(-2, -1))  # (K named, N, K experts)
             nearest = gap.argmin(-1)  # (K, N): the marker whose expert chunk each draw is closest to
             rows += [dict(seed=seed, word=w, hit=float(np.mean(nearest[j] == j)), nearest=nearest[j].tolist())

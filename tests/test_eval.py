@@ -108,6 +108,15 @@ def test_grounding_probe_scores_a_word_reading_policy_at_one_and_a_blind_one_at_
     finally:
         ref.close()
     assert reading == [1.0] * 12 and ignoring == [1.0, 0.0, 0.0] * 4
+    # push: the expert first goes to the puck whichever marker is named, so no layout can score (not a tie -> marker 0)
+    assert scaffold.grounding_probe(lambda *a: pytest.fail("asked"), "push", data.eval_seeds("push", 0, 2), var) == []
+
+
+def test_the_pull_of_a_novel_colour_counts_draws_toward_it_when_another_word_is_named():
+    layout = [dict(word="teal", nearest=[0, 0]), dict(word="blue", nearest=[0, 0]), dict(word="green", nearest=[0, 2])]
+    assert ev.pulled(layout, {"teal"}, 3) == 3 / 4  # teal is marker 0: 3 of the other words' 4 draws head there
+    assert ev.pulled(layout + layout[1:] + layout[:1], {"teal"}, 3) == 4 / 8  # teal last in layout 2: 1 of 4 there
+    assert ev.pulled(layout, set(), 3) is None
 
 
 def test_grounding_command_writes_rates_per_task_and_word_the_report_shows_them_and_needs_markers(dataset_path, tmp_path):
