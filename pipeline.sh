@@ -72,6 +72,13 @@ have out/eval/stage3_wrong.json || run $E --ckpt out/stage3 $G --mode wrong --na
 have out/eval/stage3_ood.json || run $E --ckpt out/stage3 $G --goal-colors $NOVEL --paraphrases heldout --name stage3_ood
 have out/eval/stage3_no_ood_ood.json || run $E --ckpt out/stage3_no_ood $G --goal-colors $NOVEL --paraphrases heldout \
     --name stage3_no_ood_ood
+#    Does the first chunk follow the colour word (no rollouts; chance 1/3)? Stage 2 in the source scene,
+#    stage 3 with and without the OOD ETC on the novel words in held-out phrasings.
+have out/eval/grounding_stage2.json || run python eval.py grounding --ckpt out/stage2 --data data/source
+have out/eval/grounding_stage3_ood.json || run python eval.py grounding --ckpt out/stage3 --goal-colors $NOVEL \
+    --paraphrases heldout --name grounding_stage3_ood
+have out/eval/grounding_stage3_no_ood_ood.json || run python eval.py grounding --ckpt out/stage3_no_ood --goal-colors $NOVEL \
+    --paraphrases heldout --name grounding_stage3_no_ood_ood
 #    Ambiguous layouts (two goals of the named colour): the teacher at 10 and 1 steps, SDM, CD.
 have out/eval/amb_stage3.json || run $E --ckpt out/stage3 $G --ambiguous 1 --name amb_stage3
 have out/eval/amb_stage3_1step.json || run $E --ckpt out/stage3 $G --ambiguous 1 --steps 1 --name amb_stage3_1step
