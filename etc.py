@@ -175,8 +175,9 @@ def records(ds: data.Dataset, every: int = 4, paraphrases: str = "train", seed: 
     return recs
 
 def write(cfg: Etc) -> Path:
-    if set(cfg.kinds) - set(KINDS):
-        raise data.DataError(f"--kinds {' '.join(sorted(set(cfg.kinds) - set(KINDS)))}: the kinds are {' '.join(KINDS)}")
+    unknown = sorted(set(cfg.kinds) - set(KINDS))
+    if unknown:
+        raise data.DataError(f"--kinds {' '.join(unknown)}: the kinds are {' '.join(KINDS)}")
     ds = data.Dataset(cfg.data)
     recs = [r for r in records(ds, cfg.every, cfg.paraphrases, cfg.seed) if not cfg.kinds or r["kind"] in cfg.kinds]
     out, tmp = ds.path / "etc.jsonl", ds.path / ".etc.jsonl.tmp"

@@ -203,7 +203,7 @@ def grounding(cfg: Grounding) -> dict:
                                         variation, vla.cfg.image_size, vla.cfg.chunk, cfg.paraphrases) for t in tasks}
     rate = lambda rs: float(np.mean([r["hit"] for r in rs])) if rs else None  # noqa: E731
     summary = {t: dict(named=rate(rs), novel=rate([r for r in rs if r["word"] in novel]), chance=1 / variation.markers,
-                       novel_when_other_named=pulled(rs, novel, variation.markers),
+                       novel_when_other_named=pulled(rs, novel),
                        named_by_word={w: rate([r for r in rs if r["word"] == w]) for w in sorted({r["word"] for r in rs})})
                for t, rs in rows.items()}
     name = cfg.name or f"grounding_{Path(cfg.ckpt).name}"
@@ -212,11 +212,17 @@ def grounding(cfg: Grounding) -> dict:
     print(json.dumps(summary))
     return result
 
-def pulled(rows: list[dict], novel: set[str], k: int) -> float | None:
+def layouts(rows: list[dict]) -> list[list[dict]]:
+    """The probe's rows per layout (its seed), each layout's in marker order."""
+    out = {}
+    for r in rows:
+        out.setdefault(r["seed"], []).append(r)
+    return list(out.values())
+
+def pulled(rows: list[dict], novel: set[str]) -> float | None:
     """How often draws head for a layout's novel-word marker when another marker is named: a policy
     drawn to the new colour whatever the word scores 1.0 on the novel words without reading them."""
-    layouts = [rows[i:i + k] for i in range(0, len(rows), k)]  # the probe's rows: K per layout, in marker order
-    hits = [n == j for lay in layouts for j, x in enumerate(lay) if x["word"] in novel
+    hits = [n == j for lay in layouts(rows) for j, x in enumerate(lay) if x["word"] in novel
             for r in lay if r["word"] not in novel for n in r["nearest"]]
     return float(np.mean(hits)) if hits else None
 
@@ -349,17 +355,15 @@ def grounding_markdown(r: dict) -> list[str]:
     """eval.py grounding's rate of heading for the named marker, per task and for the novel words,
     with a 95% interval from a bootstrap over layouts (a layout's rows share one image)."""
     def rate(rows: list[dict]) -> str:
-        layouts = {}
-        for x in rows:
-            layouts.setdefault(x["seed"], []).append(x["hit"])
-        return "{:.2f} [{:.2f}, {:.2f}]".format(*bootstrap([[np.array([np.mean(h) for h in layouts.values()])]]))
+        per_layout = np.array([np.mean([x["hit"] for x in lay]) for lay in layouts(rows)])
+        return "{:.2f} [{:.2f}, {:.2f}]".format(*bootstrap([[per_layout]]))
     c, novel = r["config"], {sim.parse_color(g)[0] for g in r["config"]["goal_colors"] or ()}
     cells = []
     for t, rows in r["rows"].items():
         if not rows:  # push: the expert's first chunk goes to the puck whichever marker is named
             cells.append(f"{t} n/a (the expert's first chunk is the same toward every marker)")
             continue
-        pull = pulled(rows, novel, round(1 / r["summary"][t]["chance"]))
+        pull = r["summary"][t]["novel_when_other_named"]
         cells.append(f"{t} {rate(rows)}" + (f" (novel words {rate([x for x in rows if x['word'] in novel])}; drawn to "
                                           f"the novel marker when another is named {pull:.2f})" if novel else ""))
     return [f"**Grounding probe** (`eval.py grounding`), {r['ckpt']}: how often the first chunk heads for the named "

@@ -46,8 +46,8 @@ have data/ood/etc.jsonl || run python etc.py --data data/ood --paraphrases heldo
 
 # 4. The three stages: Distribution Bridging, Objective Bridging, Retentive Adaptation
 #    (evaluated below by eval.py, so not again at the end of training).
-train out/stage1 train_etc.py --etc-data data/source data/scenes
-train out/stage2 train_vla.py --stage 2 --etc-data data/source data/scenes --eval-episodes 0
+train out/stage1 train_etc.py
+train out/stage2 train_vla.py --stage 2 --eval-episodes 0
 train out/stage3 train_vla.py --stage 3 --eval-episodes 0
 
 # 4b. Baselines from the same stage 1 / stage 2: stage 2 with actions only (retention), and

@@ -113,10 +113,12 @@ def test_grounding_probe_scores_a_word_reading_policy_at_one_and_a_blind_one_at_
 
 
 def test_the_pull_of_a_novel_colour_counts_draws_toward_it_when_another_word_is_named():
-    layout = [dict(word="teal", nearest=[0, 0]), dict(word="blue", nearest=[0, 0]), dict(word="green", nearest=[0, 2])]
-    assert ev.pulled(layout, {"teal"}, 3) == 3 / 4  # teal is marker 0: 3 of the other words' 4 draws head there
-    assert ev.pulled(layout + layout[1:] + layout[:1], {"teal"}, 3) == 4 / 8  # teal last in layout 2: 1 of 4 there
-    assert ev.pulled(layout, set(), 3) is None
+    words = [dict(word="teal", nearest=[0, 0]), dict(word="blue", nearest=[0, 0]), dict(word="green", nearest=[0, 2])]
+    layout = [dict(r, seed=0) for r in words]
+    assert ev.pulled(layout, {"teal"}) == 3 / 4  # teal is marker 0: 3 of the other words' 4 draws head there
+    second = [dict(r, seed=1) for r in words[1:] + words[:1]]
+    assert ev.pulled(layout + second, {"teal"}) == 4 / 8  # teal last in layout 2: 1 of 4 there
+    assert ev.pulled(layout, set()) is None
 
 
 def test_grounding_command_writes_rates_per_task_and_word_the_report_shows_them_and_needs_markers(dataset_path, tmp_path):
