@@ -28,7 +28,8 @@ class DataError(ValueError):
 @dataclass
 class Collect:
     tasks: tuple[str, ...] = ("reach", "push", "drawer-open", "button-press-topdown")  # task names
-    episodes: int = 30  # successful demonstrations per task
+    episodes: int = 30  # successful demonstrations per task (per named marker, with --goals-per-layout)
+    goals_per_layout: int = 1  # tasks with markers: each layout demonstrated toward this many of its markers, each named in turn
     out: str = "data/source"  # dataset folder
     image_size: int = 64  # rendered square images, in pixels
     variation: sim.Variation = field(default_factory=sim.Variation)  # colours and camera jitter
@@ -57,13 +58,13 @@ def close_worlds():
 
 def run_episode(job: tuple) -> dict | None:
     """One scripted episode; its per-frame arrays, or None if the expert failed."""
-    task, seed, size, variation, wrist, max_steps, post_success = job
+    task, seed, goal, size, variation, wrist, max_steps, post_success = job
     key = (task, size, variation, wrist)
     if key not in _WORLDS:
         close_worlds()
         _WORLDS[key] = sim.World(task, size, variation, wrist=wrist)
     w = _WORLDS[key]
-    w.seed(seed)
+    w.seed(seed, goal)
     colors = variation.all_marker_colors()
     rows, success, left = [], False, post_success
     with warnings.catch_warnings():  # the experts warn about their own gains
@@ -88,21 +89,32 @@ def run_episode(job: tuple) -> dict | None:
         ep["wrist"], ep["images"] = ep["images"][:, 1], ep["images"][:, 0]
     return ep
 
+def goals_per_layout(cfg: Collect, task: str) -> int:
+    return cfg.goals_per_layout if task in sim.MARKER_TEXT and cfg.variation.markers else 1
+
+def layout_goal(cfg: Collect, task: str, k: int) -> tuple[int, int | None]:
+    """Attempt k's layout seed and named marker. With g goals per layout, attempts k = g*i ... g*i + g-1
+    show layout i with marker 0 ... g-1 named: the same image under g colour words and g action
+    chunks, so nothing but the word tells the demonstrations apart."""
+    g = goals_per_layout(cfg, task)
+    return episode_seed(cfg.seed, task, k // g), (k % g if g > 1 else None)
+
 def collect_task_episodes(cfg: Collect, imap, task: str, bar) -> tuple[list[dict], int, int]:
-    """The first cfg.episodes successful attempts in attempt order; attempts; successes."""
+    """The first cfg.episodes (x goals per layout) successful attempts in attempt order; attempts; successes."""
+    want = cfg.episodes * goals_per_layout(cfg, task)
     found, k, wins = {}, 0, 0
-    while len(found) < cfg.episodes:
-        if k > 3 * cfg.episodes + 10:
+    while len(found) < want:
+        if k > 3 * want + 10:
             raise DataError(f"the {task} expert succeeded on only {len(found)} of {k} layouts "
                             f"within --max-steps {cfg.max_steps}; raise it or drop the task")
-        need = cfg.episodes - len(found)
+        need = want - len(found)
         ks = range(k, k + need + max(2, need // 10))  # a few spares: experts fail ~2%
-        jobs = [(task, episode_seed(cfg.seed, task, i), cfg.image_size, cfg.variation,
+        jobs = [(task, *layout_goal(cfg, task, i), cfg.image_size, cfg.variation,
                  cfg.wrist, cfg.max_steps, cfg.post_success) for i in ks]
         for i, ep in zip(ks, imap(run_episode, jobs)):
             bar.update(1)
             wins += ep is not None
-            if ep is not None and len(found) < cfg.episodes:
+            if ep is not None and len(found) < want:
                 found[i] = ep
         k = ks.stop
     return [found[i] for i in sorted(found)], k, wins
@@ -119,6 +131,8 @@ def collect(cfg: Collect) -> Path:
     color = cfg.variation.color_word()  # validates the colours before any work
     for c in filter(None, [cfg.variation.table_color, *cfg.variation.all_marker_colors()]):
         sim.parse_color(c)
+    if not 1 <= cfg.goals_per_layout <= max(cfg.variation.markers, 1):
+        raise DataError(f"--goals-per-layout {cfg.goals_per_layout}: use 1 to --variation.markers ({cfg.variation.markers})")
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise DataError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
@@ -146,7 +160,7 @@ def collect(cfg: Collect) -> Path:
                 meta["tasks"][task] = dict(
                     frames=len(arrays["images"]), episodes=len(eps), attempts=attempts,
                     expert_success=round(wins / attempts, 3), instructions=sim.instructions(task, color, "all"),
-                    seeds=[episode_seed(cfg.seed, task, i) for i in range(attempts)])
+                    seeds=[layout_goal(cfg, task, i)[0] for i in range(attempts)])
         meta["stats"] = {k: normalisation_stats(np.concatenate([np.load(tmp / t / f"{k}.npy") for t in tasks]))
                          for k in ("proprio", "actions")[:1 + cfg.actions]}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -223,16 +237,23 @@ class Ramp:
 class MixedSampler:
     """Batch b's contents depend only on (seed, b): resuming at any step is exact. The ETC count
     is f*B rounded stochastically (unbiased), so the fraction seen follows the schedule on
-    average; ETC records are drawn by level (weights), then uniformly."""
-    def __init__(self, etc_levels: list[str], n_action: int, batch_size: int,
-                 etc_fraction: Ramp, level_weights: dict[str, float] | None = None, seed: int = 0):
+    average. ETC records are drawn by level (level_weights: each level's share of the ETC), then
+    within the level in proportion to their kind's weight (kind_weights, default 1: uniformly).
+    A kind weight of 8 makes each of that kind's records 8 times as likely as another of its level:
+    how one kind of question (e.g. the markers') gets more of the batch without more data."""
+    def __init__(self, etc_levels: list[str], n_action: int, batch_size: int, etc_fraction: Ramp,
+                 level_weights: dict[str, float] | None = None, seed: int = 0,
+                 etc_kinds: list[str] | None = None, kind_weights: dict[str, float] | None = None):
         self.B, self.n_action, self.schedule, self.seed = batch_size, n_action, etc_fraction, seed
         levels = np.array(etc_levels)
         weights = level_weights or dict.fromkeys(etc_levels, 1.0)  # in order of first appearance
-        self.by_level = {lv: np.flatnonzero(levels == lv) for lv, w in weights.items() if w > 0}
+        kw = np.array([kind_weights.get(k, 1.0) for k in etc_kinds]) if kind_weights else np.ones(len(levels))  # (N,)
+        self.by_level = {lv: np.flatnonzero((levels == lv) & (kw > 0)) for lv, w in weights.items() if w > 0}
         self.by_level = {lv: ids for lv, ids in self.by_level.items() if len(ids)}
         w = np.array([weights[lv] for lv in self.by_level])
         self.p = w / w.sum() if len(w) else w
+        # within a level: uniform (None) unless kinds are weighted, then in proportion to the weights
+        self.within = {lv: kw[ids] / kw[ids].sum() if kind_weights else None for lv, ids in self.by_level.items()}
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(ETC record indices, action sample indices) for this step."""
@@ -242,7 +263,7 @@ class MixedSampler:
         n_etc = int(f * self.B) + int(rng.random() < f * self.B % 1)
         levels = list(self.by_level)
         picks = rng.choice(len(levels), size=n_etc, p=self.p) if n_etc else np.zeros(0, int)
-        etc = np.array([rng.choice(self.by_level[levels[j]]) for j in picks], dtype=int)
+        etc = np.array([rng.choice(self.by_level[levels[j]], p=self.within[levels[j]]) for j in picks], dtype=int)
         act = rng.integers(self.n_action, size=self.B - n_etc) if self.n_action else np.zeros(0, int)
         return etc, act
 
@@ -312,12 +333,13 @@ def collate(samples: list[dict], tokenizer, image_ids: list[int]) -> dict:
 class Batches:
     """The collated (ETC batch, action batch) of a step and the global batch's ETC fraction.
     The global batch depends only on (seed, step); DDP process `rank` takes every world_size-th
-    sample of it. etc: ETC samples (etc.Samples: `levels`, len, etc(j) -> sample), or None."""
+    sample of it. etc: ETC samples (etc.Samples: `levels`, `kinds`, len, etc(j) -> sample), or None."""
     def __init__(self, etc, actions: ActionSamples | None, tokenizer, image_ids: list[int], batch_size: int,
-                 etc_fraction: Ramp, level_weights: dict[str, float] | None = None, seed: int = 0):
+                 etc_fraction: Ramp, level_weights: dict[str, float] | None = None, seed: int = 0,
+                 kind_weights: dict[str, float] | None = None):
         self.etc, self.actions, self.tokenizer, self.image_ids, self.seed = etc, actions, tokenizer, image_ids, seed
-        self.sampler = MixedSampler(etc.levels if etc else [], len(actions) if actions else 0,
-                                    batch_size, etc_fraction, level_weights, seed)
+        self.sampler = MixedSampler(etc.levels if etc else [], len(actions) if actions else 0, batch_size, etc_fraction,
+                                    level_weights, seed, etc.kinds if etc else None, kind_weights)
 
     def __call__(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[dict | None, dict | None, float]:
         e, a = self.sampler.batch(step)

@@ -174,10 +174,14 @@ def records(ds: data.Dataset, every: int = 4, paraphrases: str = "train", seed: 
                                      level=level, kind=kind, question=q, answer=ans))
     return recs
 
-def write(cfg: Etc) -> Path:
-    unknown = sorted(set(cfg.kinds) - set(KINDS))
+def check_kinds(kinds, flag: str) -> None:
+    """Stop on a question kind that does not exist, naming the ones that do."""
+    unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
-        raise data.DataError(f"--kinds {' '.join(unknown)}: the kinds are {' '.join(KINDS)}")
+        raise data.DataError(f"{flag} {' '.join(unknown)}: the kinds are {' '.join(KINDS)}")
+
+def write(cfg: Etc) -> Path:
+    check_kinds(cfg.kinds, "--kinds")
     ds = data.Dataset(cfg.data)
     recs = [r for r in records(ds, cfg.every, cfg.paraphrases, cfg.seed) if not cfg.kinds or r["kind"] in cfg.kinds]
     out, tmp = ds.path / "etc.jsonl", ds.path / ".etc.jsonl.tmp"
@@ -224,9 +228,9 @@ def sample(ds: data.Dataset, rec: dict) -> dict:
     return dict(image=np.asarray(ds.arrays[rec["task"]]["images"][rec["frame"]]), text=prompt(rec["question"]), answer=rec["answer"])
 
 class Samples:
-    """(dataset, record) items as samples for data.Batches, which mixes them by `levels`."""
+    """(dataset, record) items as samples for data.Batches, which mixes them by `levels` and `kinds`."""
     def __init__(self, items: list[tuple[data.Dataset, dict]]):
-        self.items, self.levels = items, [r["level"] for _, r in items]
+        self.items, self.levels, self.kinds = items, [r["level"] for _, r in items], [r["kind"] for _, r in items]
 
     def __len__(self):
         return len(self.items)

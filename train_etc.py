@@ -8,7 +8,7 @@ The whole VLM learns the robot's scenes (next-token loss on the answers), vision
 unless --freeze-vision; the action expert is saved untouched (stage 2 starts a fresh one).
 """
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -30,6 +30,7 @@ class Config:
     weight_decay: float = 0.01
     clip: float = 1.0  # gradient-norm clipping
     levels: tuple[str, ...] = etc.LEVELS  # ETC levels used
+    kind_weights: dict[str, float] = field(default_factory=dict)  # e.g. --kind-weights marker 8: that kind's records 8x as likely in its level
     freeze_vision: bool = False  # freeze the vision tower (ablation)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # bf16 autocast; auto: on CUDA only
     grad_checkpoint: bool = False  # recompute activations in backward (vision tower, expert): memory for time
@@ -49,6 +50,7 @@ def main(cfg: Config):
     sizes = {data.Dataset(p).meta["image_size"] for p in cfg.etc_data}
     if len(sizes) > 1:
         raise data.DataError(f"the ETC datasets mix image sizes {sorted(sizes)}; collect them at one --image-size")
+    etc.check_kinds(cfg.kind_weights, "--kind-weights")
     torch.manual_seed(cfg.seed)
     vla = model.load(out, grad_checkpoint=cfg.grad_checkpoint).train() if cfg.resume else model.VLA(
         model.VLAConfig(vlm=cfg.vlm, image_size=sizes.pop(), freeze_vision=cfg.freeze_vision, grad_checkpoint=cfg.grad_checkpoint),
@@ -58,13 +60,14 @@ def main(cfg: Config):
     train, held = etc.load(cfg.etc_data, cfg.levels, cfg.holdout)
     probe = [item for h in held for item in h[::7][:300]]  # a fixed spread of held-out records
     batches = data.Batches(etc.Samples(train), None, vla.tokenizer, vla.image_ids, cfg.batch,
-                           data.Ramp("constant", 1.0, 1.0), dict.fromkeys(cfg.levels, 1.0), cfg.seed)
+                           data.Ramp("constant", 1.0, 1.0), dict.fromkeys(cfg.levels, 1.0), cfg.seed,
+                           cfg.kind_weights)
     params = [p for n, p in vla.named_parameters() if p.requires_grad and not n.startswith("expert.")]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     start = scaffold.load_state(out, net, optimizer=opt) if cfg.resume else 0
     log = scaffold.open_log(out, cfg.resume, proc)
     prov = scaffold.provenance("train_etc.py", cfg, None, 0, stage=1, datasets=dict(etc=list(cfg.etc_data)),
-                               etc_mix=dict(levels=list(cfg.levels), fraction=1.0))
+                               etc_mix=dict(levels=list(cfg.levels), kind_weights=cfg.kind_weights, fraction=1.0))
 
     save = partial(scaffold.save, vla, out, cfg, prov, proc, optimizer=opt)  # save(step)
 

@@ -9,7 +9,7 @@ scene, --head tokens, --freeze-vision, --insulate. Losses are global sums over g
 N processes give the same loss and gradients as one.
 """
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -48,6 +48,7 @@ class Config:
     action_weight_end: float = 1.0  # ... and at the last step (cosine in between)
     expert_warmup: int | None = None  # first steps in which the action loss does not reach the VLM
     levels: tuple[str, ...] = etc.LEVELS  # ETC levels used (the paper's category ablation)
+    kind_weights: dict[str, float] = field(default_factory=dict)  # e.g. --kind-weights marker 8: that kind's records 8x as likely in its level
     chunk: int = 8  # actions per chunk
     freeze_vision: bool = False  # freeze the vision tower
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # bf16 autocast; auto: on CUDA only
@@ -103,6 +104,7 @@ def build(cfg: Config, ds: data.Dataset) -> model.VLA:
 
 def main(cfg: Config):
     cfg = resolve(cfg)
+    etc.check_kinds(cfg.kind_weights, "--kind-weights")
     proc, out = scaffold.start(cfg.device), Path(cfg.out)
     scaffold.check_out(out, cfg.resume, cfg.overwrite, cfg.batch, proc.world_size)
     ds = data.Dataset(cfg.action_data)
@@ -113,7 +115,7 @@ def main(cfg: Config):
     probe = [item for h in held for item in h[::7][:300]]  # as in stage 1
     batches = data.Batches(etc.Samples(train), data.ActionSamples(ds, cfg.chunk, stats=vla.stats), vla.tokenizer,
                            vla.image_ids, cfg.batch, data.Ramp("cosine", cfg.etc_start, cfg.etc_end, cfg.steps),
-                           dict.fromkeys(cfg.levels, 1.0), cfg.seed)
+                           dict.fromkeys(cfg.levels, 1.0), cfg.seed, cfg.kind_weights)
     params = [p for p in vla.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     start = scaffold.load_state(out, net, optimizer=opt) if cfg.resume else 0
@@ -123,7 +125,7 @@ def main(cfg: Config):
     before = (scaffold.action_steps(parent) or 0) if cfg.stage == 3 and parent else 0  # stage 2: a fresh head
     prov = scaffold.provenance("train_vla.py", cfg, parent, before + cfg.steps, stage=cfg.stage,
                                datasets=dict(actions=cfg.action_data, etc=list(cfg.etc_data)),
-                               etc_mix=dict(levels=list(cfg.levels), start=cfg.etc_start, end=cfg.etc_end))
+                               etc_mix=dict(levels=list(cfg.levels), kind_weights=cfg.kind_weights, start=cfg.etc_start, end=cfg.etc_end))
 
     save = partial(scaffold.save, vla, out, cfg, prov, proc, optimizer=opt)  # save(step)
 

@@ -68,6 +68,21 @@ def test_sampler_level_weights_and_determinism():
         np.testing.assert_array_equal(s.batch(t)[0], again.batch(t)[0])
 
 
+def test_sampler_kind_weights_split_a_level_and_default_to_uniform():
+    levels = ["scene"] * 500 + ["task"] * 500
+    kinds = ["marker"] * 100 + ["point"] * 400 + ["goal"] * 500
+    full = data.Ramp("constant", 1.0, 1.0)
+    s = data.MixedSampler(levels, 0, 64, full, seed=3, etc_kinds=kinds, kind_weights={"marker": 4})
+    picked = np.array(kinds)[np.concatenate([s.batch(t)[0] for t in range(200)])]
+    # the scene level keeps half the batch; in it 100 markers x 4 weigh as much as 400 points x 1
+    assert abs(np.mean(picked == "marker") - 0.25) < 0.02 and abs(np.mean(picked == "goal") - 0.5) < 0.02
+    none = data.MixedSampler(levels, 0, 64, full, seed=3, etc_kinds=kinds, kind_weights={"point": 0})
+    assert "point" not in set(np.array(kinds)[np.concatenate([none.batch(t)[0] for t in range(50)])])
+    plain, ones = data.MixedSampler(levels, 0, 64, full, seed=3), data.MixedSampler(levels, 0, 64, full, seed=3, etc_kinds=kinds)
+    for t in (0, 9):  # no weights: the same batches as a sampler that knows no kinds
+        np.testing.assert_array_equal(plain.batch(t)[0], ones.batch(t)[0])
+
+
 def test_collate_masks_labels_to_the_answer(dataset, tokenizer):
     recs = etc.records(dataset)[:3]
     image_ids = tokenizer.convert_tokens_to_ids(["<image>"]) * 4
@@ -118,6 +133,24 @@ def test_grounded_samples_name_their_episodes_goal_marker(tmp_path):
         word = data.goal_word(ds, "reach", frames[-1])
         assert word == var.marker_colors[a["marker_color"][frames[0], k]]
         assert f"the {word} " in acts(acts.index.index(("reach", int(frames[-1]))), rng)["text"]
+
+
+def test_goals_per_layout_demonstrate_one_image_toward_each_marker(tmp_path):
+    var = sim.Variation(markers=3)
+    cfg = data.Collect(tasks=("reach", "button-press-topdown"), episodes=1, goals_per_layout=3, out=str(tmp_path / "cf"),
+                       workers=1, variation=var)
+    ds = data.Dataset(data.collect(cfg))
+    a, firsts = ds.arrays["reach"], [f[0] for f in ds.episode_frames("reach")]
+    assert len(firsts) == 3 and ds.meta["tasks"]["button-press-topdown"]["episodes"] == 1  # no markers: one demo
+    np.testing.assert_array_equal(a["images"][firsts[0]], a["images"][firsts[2]])  # one layout, one image ...
+    assert [int(a["goal_marker"][f]) for f in firsts] == [0, 1, 2]  # ... each marker named in turn
+    assert len({data.goal_word(ds, "reach", f) for f in firsts}) == 3
+    ends = [f[-1] for f in ds.episode_frames("reach")]
+    for f0, f1 in zip(firsts, ends):  # and each demonstration ends at its own marker
+        assert np.linalg.norm(a["hand"][f1] - a["markers"][f0, a["goal_marker"][f0]]) < 0.05
+    with pytest.raises(data.DataError, match="--goals-per-layout 4: use 1 to --variation.markers"):
+        data.collect(data.Collect(tasks=("reach",), goals_per_layout=4, out=str(tmp_path / "x"), variation=var))
+    assert not (tmp_path / "x").exists()
 
 
 def test_bad_inputs_give_one_clear_error_and_keep_what_is_on_disk(tmp_path, dataset_path):

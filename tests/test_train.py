@@ -149,7 +149,7 @@ def test_checkpoints_record_what_trained_them(etc_path, stage1_ckpt, tmp_path):
     assert (p2["script"], p2["stage"], p2["action_steps"], p2["parent"]) == ("train_vla.py", 2, 3, str(stage1_ckpt))
     assert (p3["stage"], p3["action_steps"], p3["parent"]) == (3, 3 + 2, str(tmp_path / "s2"))
     assert p2["datasets"] == dict(actions=str(etc_path), etc=[str(etc_path)]) and p2["seed"] == 0
-    assert p2["etc_mix"] == dict(levels=list(etc.LEVELS), start=0.5, end=0.2) and p2["config"]["steps"] == 3
+    assert p2["etc_mix"] == dict(levels=list(etc.LEVELS), kind_weights={}, start=0.5, end=0.2) and p2["config"]["steps"] == 3
     assert p1["code"] is None or len(p1["code"].removesuffix("+dirty")) == 40  # the git commit, when known
 
 
