@@ -234,6 +234,11 @@ class Ramp:
         w = {"constant": 0.0, "linear": x, "cosine": 0.5 * (1 - math.cos(math.pi * x))}[self.kind]
         return self.start + (self.end - self.start) * w
 
+def cumulative(w: np.ndarray) -> np.ndarray:
+    """Weights (N,) -> their normalised cumulative sum (N,), as numpy's choice(p=...) builds it."""
+    cdf = (w / w.sum()).cumsum()
+    return cdf / cdf[-1]
+
 class MixedSampler:
     """Batch b's contents depend only on (seed, b): resuming at any step is exact. The ETC count
     is f*B rounded stochastically (unbiased), so the fraction seen follows the schedule on
@@ -252,8 +257,14 @@ class MixedSampler:
         self.by_level = {lv: ids for lv, ids in self.by_level.items() if len(ids)}
         w = np.array([weights[lv] for lv in self.by_level])
         self.p = w / w.sum() if len(w) else w
-        # within a level: uniform (None) unless kinds are weighted, then in proportion to the weights
-        self.within = {lv: kw[ids] / kw[ids].sum() if kind_weights else None for lv, ids in self.by_level.items()}
+        # within a level: uniform (None) unless kinds are weighted, then by the weights' cumulative sum,
+        # computed once here, not for every record drawn (rng.choice(p=...) would redo it each time)
+        self.cdf = {lv: cumulative(kw[ids]) if kind_weights else None for lv, ids in self.by_level.items()}
+
+    def draw(self, level: str, rng: np.random.Generator) -> int:
+        """One record of `level`: what rng.choice(ids, p=weights) gives, from the cdf kept."""
+        ids, cdf = self.by_level[level], self.cdf[level]
+        return rng.choice(ids) if cdf is None else ids[cdf.searchsorted(rng.random(), side="right")]
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(ETC record indices, action sample indices) for this step."""
@@ -263,7 +274,7 @@ class MixedSampler:
         n_etc = int(f * self.B) + int(rng.random() < f * self.B % 1)
         levels = list(self.by_level)
         picks = rng.choice(len(levels), size=n_etc, p=self.p) if n_etc else np.zeros(0, int)
-        etc = np.array([rng.choice(self.by_level[levels[j]], p=self.within[levels[j]]) for j in picks], dtype=int)
+        etc = np.array([self.draw(levels[j], rng) for j in picks], dtype=int)
         act = rng.integers(self.n_action, size=self.B - n_etc) if self.n_action else np.zeros(0, int)
         return etc, act
 
