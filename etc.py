@@ -122,7 +122,7 @@ def for_frame(a: dict, i: int, frames: np.ndarray, task: str, nouns: list[str], 
         near = np.argmin(np.linalg.norm(a["markers"][i] - a["hand"][i], axis=1))
         out.append(("scene", "nearest", "what colour is the marker nearest the gripper?", names[near]))
         if inside(a["markers_px"][i, goal], size):
-            out.append(("task", "goal", f"where is the goal of: {instruction}?", pt(a["markers_px"][i, goal])))
+            out.append(("task", "goal", goal_question(instruction), pt(a["markers_px"][i, goal])))
         out.append(("planning", "relation", f"where is the gripper relative to the {names[goal]} marker?",
                     relation(a["hand"][i], a["markers"][i, goal], a["camera"][i])))
     out.append(("scene", "gripper", "is the gripper open or closed?", "open" if a["proprio"][i, 3] > 0.5 else "closed"))
@@ -222,6 +222,9 @@ def load(paths, levels=LEVELS, holdout: int = 10, image_size: int | None = None)
 # --- Prompts, samples and scores --------------------------------------------------------------
 def prompt(question: str) -> str:
     return f"question: {question}\nanswer: "
+
+def goal_question(instruction: str) -> str:  # also what eval.py grounding asks the VLM on a layout's first frame
+    return f"where is the goal of: {instruction}?"
 
 def sample(ds: data.Dataset, rec: dict) -> dict:
     """An ETC record with its frame's image; the answer is what the loss is taken on."""

@@ -4,7 +4,7 @@ The scripts keep their own explicit `for step in range(...)` loops and call thes
 (no Trainer, no callbacks). A run resumes exactly because every batch, and every random draw in it,
 is a function of (seed, step): train_state.pt holds only the step and the optimizer states.
 """
-import json, math, os, subprocess, sys
+import json, math, os, re, subprocess, sys
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -241,12 +241,15 @@ def run_policy(policy, task: str, seeds: list[int], instruction, variation: sim.
     return results
 
 def grounding_probe(chunks, task: str, seeds: list[int], variation: sim.Variation, image_size: int = 64,
-                    chunk: int = 8, split: str = "train") -> list[dict]:
+                    chunk: int = 8, split: str = "train", ask=None) -> list[dict]:
     """Does a policy read the colour word? No rollouts: in each layout name each marker in turn and
     ask which marker's expert chunk the policy's first chunk is nearest to (xyz of every action;
     chance 1/K). chunks(image, texts (K,), proprio) -> (K, N, H, 4): N draws per text, the same N
     noises for every text, so only the word differs. One row per (layout, named marker); none for a
-    layout whose expert chunks do not tell the markers apart."""
+    layout whose expert chunks do not tell the markers apart. ask(samples) -> answers, if given, is
+    the VLM asked the ETC goal question on the same image: a row's `vlm` is the marker nearest its
+    answer (-1 for no point), which tells a VLM that cannot bind the word from an expert that does
+    not read what the VLM knows."""
     world, rows = sim.World(task, image_size, replace(variation, ambiguous=0.0)), []
     try:
         for seed in seeds:
@@ -266,11 +269,20 @@ def grounding_probe(chunks, task: str, seeds: list[int], variation: sim.Variatio
             got = chunks(image, texts, proprio)[..., :3]  # (K, N, H, 3)
             gap = np.linalg.norm(got[:, :, None] - want[None, None], axis=(-2, -1))  # (K named, N, K experts)
             nearest = gap.argmin(-1)  # (K, N): the marker whose expert chunk each draw is closest to
+            said = ask([dict(image=image, text=etc.prompt(etc.goal_question(t))) for t in texts]) if ask else ()
             rows += [dict(seed=seed, word=w, hit=float(np.mean(nearest[j] == j)), nearest=nearest[j].tolist())
+                     | (vlm_row(said[j], j, world.project(world.markers)) if ask else {})
                      for j, w in enumerate(world.marker_words)]
     finally:
         world.close()
     return rows
+
+def vlm_row(answer: str, named: int, markers_px: np.ndarray) -> dict:
+    """The probe's VLM columns: the marker (of markers_px, (K, 2)) nearest a point answer "u v" (-1 if
+    the answer is not one point) and whether it is the named one."""
+    uv = [float(x) for x in re.findall(r"-?\d+", answer)]
+    nearest = int(np.linalg.norm(markers_px - uv, axis=1).argmin()) if len(uv) == 2 else -1
+    return dict(vlm=nearest, vlm_hit=float(nearest == named))
 
 def closed_loop(vla: model.VLA, tasks: list[str], episodes: int, variation: sim.Variation, split: str = "train") -> dict:
     """Success per task on evaluation seed 0's fresh layouts (eval.py success's first seed)."""
@@ -292,14 +304,17 @@ def etc_accuracy(vla: model.VLA, items: list[tuple], by: str = "level") -> dict:
     """Greedy answers to (dataset, record) ETC items, scored per level (or kind) by etc.scores."""
     return etc.scores([r for _, r in items], etc_answers(vla, items), by=by)
 
+def etc_answers(vla: model.VLA, items: list[tuple]) -> list[str]:
+    return answers(vla, [{k: v for k, v in etc.sample(ds, r).items() if k != "answer"} for ds, r in items])
+
 @torch.no_grad()
-def etc_answers(vla: model.VLA, items: list[tuple], batch: int = 32, max_new: int = 32) -> list[str]:
+def answers(vla: model.VLA, samples: list[dict], batch: int = 32, max_new: int = 32) -> list[str]:
+    """The VLM's greedy answers to samples (image, text: an etc.prompt)."""
     was_training, preds = vla.training, []
     vla.eval()
     tok = vla.tokenizer
-    for i in range(0, len(items), batch):
-        samples = [{k: v for k, v in etc.sample(ds, r).items() if k != "answer"} for ds, r in items[i:i + batch]]
-        rows = model.greedy(vla.vlm, to(data.collate(samples, tok, vla.image_ids), vla.device), max_new,
+    for i in range(0, len(samples), batch):
+        rows = model.greedy(vla.vlm, to(data.collate(samples[i:i + batch], tok, vla.image_ids), vla.device), max_new,
                             tok.eos_token_id, tok.pad_token_id).tolist()
         preds += [tok.decode(r[:r.index(tok.eos_token_id)] if tok.eos_token_id in r else r) for r in rows]
     vla.train(was_training)

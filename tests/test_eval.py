@@ -97,17 +97,24 @@ def test_grounding_probe_scores_a_word_reading_policy_at_one_and_a_blind_one_at_
         return next(j for j, w in enumerate(ref.marker_words) if f" {w} " in text)
 
     def oracle(image, texts, proprio):  # (K, 1, 8, 4): heads where each text's word says
-        seed = next(calls)
+        seed = now[0] = next(calls)
         return np.stack([[expert_chunk(seed, named(seed, t))] for t in texts])
+
+    def knows(samples):  # a VLM that answers the goal question with the named marker's pixel
+        ref.seed(now[0])
+        return [" ".join(str(round(x)) for x in ref.project(ref.markers)[named(now[0], s["text"])]) for s in samples]
+    now = [None]
 
     def blind(image, texts, proprio):  # the first marker's chunk whatever the word
         return np.stack([[expert_chunk(next(calls), 0)]] * len(texts))
     try:
-        reading, ignoring = (scaffold.grounding_probe(p, "reach", layouts, var) for p in (oracle, blind))
-        reading, ignoring = [r["hit"] for r in reading], [r["hit"] for r in ignoring]
+        reading = scaffold.grounding_probe(oracle, "reach", layouts, var, ask=knows)
+        ignoring = scaffold.grounding_probe(blind, "reach", layouts, var, ask=lambda samples: ["no idea"] * len(samples))
     finally:
         ref.close()
-    assert reading == [1.0] * 12 and ignoring == [1.0, 0.0, 0.0] * 4
+    assert [r["hit"] for r in reading] == [1.0] * 12 and [r["hit"] for r in ignoring] == [1.0, 0.0, 0.0] * 4
+    assert [r["vlm"] for r in reading] == [0, 1, 2] * 4 and [r["vlm_hit"] for r in reading] == [1.0] * 12
+    assert {r["vlm"] for r in ignoring} == {-1} and {r["vlm_hit"] for r in ignoring} == {0.0}  # no point: a miss
     # push: the expert first goes to the puck whichever marker is named, so no layout can score (not a tie -> marker 0)
     assert scaffold.grounding_probe(lambda *a: pytest.fail("asked"), "push", data.eval_seeds("push", 0, 2), var) == []
 
@@ -136,6 +143,7 @@ def test_grounding_command_writes_rates_per_task_and_word_the_report_shows_them_
     md = ev.report_markdown(ev.Report(results=cfg.out, bench=str(tmp_path / "none.md"), tables=str(tmp_path / "none")))
     line = next(ln for ln in md.splitlines() if ln.startswith("**Grounding probe**"))  # the report shows the rates
     assert f"reach {s['named']:.2f} [" in line and f"(novel words {s['novel']:.2f} [" in line and "chance 0.33" in line
+    assert s["vlm_named"] == np.mean([r["vlm_hit"] for r in rows]) and f"at the named marker {s['vlm_named']:.2f} [" in line
     with pytest.raises(data.DataError, match="--variation.markers 3"):  # a dataset without markers: the fix named
         ev.grounding(ev.Grounding(ckpt=cfg.ckpt, data=str(dataset_path), out=cfg.out))
 
