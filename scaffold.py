@@ -270,8 +270,9 @@ def grounding_probe(chunks, task: str, seeds: list[int], variation: sim.Variatio
             gap = np.linalg.norm(got[:, :, None] - want[None, None], axis=(-2, -1))  # (K named, N, K experts)
             nearest = gap.argmin(-1)  # (K, N): the marker whose expert chunk each draw is closest to
             said = ask([dict(image=image, text=etc.prompt(etc.goal_question(t))) for t in texts]) if ask else ()
+            markers_px = world.project(world.markers)  # (K, 2), the same for every named marker
             rows += [dict(seed=seed, word=w, hit=float(np.mean(nearest[j] == j)), nearest=nearest[j].tolist())
-                     | (vlm_row(said[j], j, world.project(world.markers)) if ask else {})
+                     | (vlm_row(said[j], j, markers_px) if ask else {})
                      for j, w in enumerate(world.marker_words)]
     finally:
         world.close()
