@@ -5,10 +5,10 @@
     python experiments/run.py ood --dry-run         # print the commands, run nothing
     python eval.py report --readme README.md        # every table, with 95% intervals and verdicts
 
-A table is a set of training runs (a script, its arguments, the run it starts from), shared by
-the cells that need them, and cells that evaluate a run. Checkpoints go to
-runs/<table>/s<seed>/<run>/ (not committed): a finished run is skipped, one cut off resumes
-exactly. Each evaluation writes results/<table>/<cell>.s<seed>.<eval>.json (committed) and is
+A table is a set of cells, each evaluating one training run (a script, its arguments, the run
+it starts from: RUNS). The runs are shared by every cell and every table that needs them, so
+`table1` after `ood` trains only what `ood` did not. Checkpoints go to runs/s<seed>/<run>/ (not
+committed): a finished run is skipped, one cut off resumes exactly. Each evaluation writes results/<table>/<cell>.s<seed>.<eval>.json (committed) and is
 skipped when it exists, so a table can be built over several sittings. Every cell of a table is
 evaluated on the same fixed layouts (eval.py's evaluation seeds). The datasets are the
 pipeline's grounded world (`bash pipeline.sh data` makes them when they are missing).
@@ -38,54 +38,62 @@ S1 = ("train_etc.py", None, ())
 # Stage 2 at 1000 steps (the pipeline's 3000 would put a table at ~4 h on 2 cores); stage 3 and the rest at theirs.
 S2, S3 = ("--stage", "2", "--steps", "1000"), ("--stage", "3")
 
-# runs: name -> (script, the run it starts from ("base" = the base VLM), arguments);
+# Training runs: name -> (script, the run it starts from ("base" = the base VLM), arguments). The runs
+# are shared by every table: one stage 1, one stage 2 and one stage 3 per seed serve all the tables that
+# need them, so tables built one after another do not retrain them, and their cells compare the same
+# checkpoints (the ood table's "+ OOD ETC" is the sdm table's teacher and the stages table's 1+2+3).
+RUNS = dict(
+    stage1=S1,
+    s2=("train_vla.py", "stage1", S2),  # stage 2 with ETC, from Distribution Bridging (the pipeline's recipe)
+    s2_act=("train_vla.py", "stage1", (*S2, *ACT)),  # ... action data only
+    s2_scene=("train_vla.py", "stage1", (*S2, "--levels", "scene")),  # ... with scene-level ETC only
+    s2_task=("train_vla.py", "stage1", (*S2, "--levels", "scene", "task")),  # ... scene and task levels
+    s2_base=("train_vla.py", "base", S2),  # stage 2 with ETC, from the base VLM (no stage 1)
+    s2_act_base=("train_vla.py", "base", (*S2, *ACT)),  # ... action data only
+    s3=("train_vla.py", "s2", S3),  # stage 3 with in-domain and OOD ETC (the pipeline's recipe)
+    s3_act=("train_vla.py", "s2", (*S3, *ACT)),  # ... action data only
+    s3_id_etc=("train_vla.py", "s2", (*S3, "--etc-data", "data/target")),  # ... in-domain ETC only
+    s3_none=("train_vla.py", "s2_act_base", (*S3, *ACT)),  # ETC in no stage
+    s3_only2=("train_vla.py", "s2_base", (*S3, *ACT)),  # ETC in stage 2 only
+    s3_only3=("train_vla.py", "s2_act_base", S3),  # ETC in stage 3 only
+    s3_both=("train_vla.py", "s2_base", S3),  # ETC in stages 2 and 3 (no stage 1)
+    sdm=("distill_sdm.py", "s3", ()),
+    cd=("distill_sdm.py", "s3", ("--method", "cd")),
+)
 # cells: name -> (label, run, extra eval.py arguments); columns: "<eval>" (success) or "<eval>:<named|between>";
 # verdicts: (">" the first cell beats the second, or "~" within the margin; cell, cell, column, margin, the paper's numbers).
 TABLES = {
     "table1": dict(
         title="Stage-2 signal x initialisation (the ETC paper's Table 1): success after stage 2, ETC accuracy",
-        runs=dict(stage1=S1, act_base=("train_vla.py", "base", (*S2, *ACT)), etc_base=("train_vla.py", "base", S2),
-                  act_db=("train_vla.py", "stage1", (*S2, *ACT)), etc_db=("train_vla.py", "stage1", S2)),
-        cells=dict(act_base=("action only, w/o DB", "act_base", ()), act_db=("action only, w/ DB", "act_db", ()),
-                   etc_base=("+ETC, w/o DB", "etc_base", ()), etc_db=("+ETC, w/ DB", "etc_db", ())),
+        cells=dict(act_base=("action only, w/o DB", "s2_act_base", ()), act_db=("action only, w/ DB", "s2_act", ()),
+                   etc_base=("+ETC, w/o DB", "s2_base", ()), etc_db=("+ETC, w/ DB", "s2", ())),
         evals=("source", "ood_source", "etc"), columns=("source", "ood_source", "ood_source:named", "etc"),
         verdicts=((">", "etc_db", "act_base", "source", 0, "VLABench T1 .648 vs .372; Simpler .844 vs .792"),
                   (">", "etc_db", "act_db", "etc", 0, "ETC retained with co-training, lost without (Fig. 4)"))),
     "stages": dict(
         title="Which stages use ETC (the ETC paper's stage ablation): success in-domain after stage 3",
-        runs=dict(stage1=S1, s2act=("train_vla.py", "base", (*S2, *ACT)), s2etc=("train_vla.py", "base", S2),
-                  s2etc_db=("train_vla.py", "stage1", S2), none=("train_vla.py", "s2act", (*S3, *ACT)),
-                  only2=("train_vla.py", "s2etc", (*S3, *ACT)), only3=("train_vla.py", "s2act", S3),
-                  both=("train_vla.py", "s2etc", S3), all3=("train_vla.py", "s2etc_db", S3)),
-        cells=dict(none=("none", "none", ()), only2=("stage 2 only", "only2", ()), only3=("stage 3 only", "only3", ()),
-                   both=("stages 2+3", "both", ()), all3=("stages 1+2+3", "all3", ())),
+        cells=dict(none=("none", "s3_none", ()), only2=("stage 2 only", "s3_only2", ()), only3=("stage 3 only", "s3_only3", ()),
+                   both=("stages 2+3", "s3_both", ()), all3=("stages 1+2+3", "s3", ())),
         evals=("target",), columns=("target",),
         verdicts=((">", "both", "none", "target", 0, "WidowX 95.8 vs 66.7"),
                   (">", "both", "only2", "target", 0, "WidowX 95.8 vs 75.0"))),
     "ood": dict(
         title="Stage 3 with action data only / + in-domain ETC / + OOD ETC: novel colour words and phrasings",
-        runs=dict(stage1=S1, s2=("train_vla.py", "stage1", S2), act=("train_vla.py", "s2", (*S3, *ACT)),
-                  id_etc=("train_vla.py", "s2", (*S3, "--etc-data", "data/target")), ood_etc=("train_vla.py", "s2", S3)),
-        cells=dict(act=("action only", "act", ()), id_etc=("+ in-domain ETC", "id_etc", ()),
-                   ood_etc=("+ OOD ETC", "ood_etc", ())),
+        cells=dict(act=("action only", "s3_act", ()), id_etc=("+ in-domain ETC", "s3_id_etc", ()),
+                   ood_etc=("+ OOD ETC", "s3", ())),
         evals=("target", "ood"), columns=("target", "ood", "ood:named"),
         verdicts=((">", "ood_etc", "act", "ood", 0.2, "CoffeeBag OOD .81 vs .42"),
                   ("~", "ood_etc", "act", "target", 0.05, "in-domain .92 vs .92"))),
     "etc_levels": dict(
         title="ETC categories in stage 2 (the ETC paper's category table): success in-domain after stage 2",
-        runs=dict(stage1=S1, act=("train_vla.py", "stage1", (*S2, *ACT)),
-                  scene=("train_vla.py", "stage1", (*S2, "--levels", "scene")),
-                  task=("train_vla.py", "stage1", (*S2, "--levels", "scene", "task")), full=("train_vla.py", "stage1", S2)),
-        cells=dict(act=("action only", "act", ()), scene=("+ scene", "scene", ()), task=("+ task", "task", ()),
-                   full=("full ETC (+ planning)", "full", ())),
+        cells=dict(act=("action only", "s2_act", ()), scene=("+ scene", "s2_scene", ()), task=("+ task", "s2_task", ()),
+                   full=("full ETC (+ planning)", "s2", ())),
         evals=("source",), columns=("source",),
         verdicts=((">", "full", "act", "source", 0, "VLABench T1 .648 vs .443"),
                   (">", "scene", "act", "source", 0, "VLABench T1 .562 vs .443"))),
     "sdm": dict(
         title="One-step students of the stage-3 teacher, unimodal and ambiguous (two goals) layouts "
               "(latency per chunk: bench.py)",
-        runs=dict(stage1=S1, s2=("train_vla.py", "stage1", S2), s3=("train_vla.py", "s2", S3),
-                  sdm=("distill_sdm.py", "s3", ()), cd=("distill_sdm.py", "s3", ("--method", "cd"))),
         cells=dict(teacher10=("teacher, 10 steps", "s3", ()), teacher1=("teacher, 1 step", "s3", ("--steps", "1")),
                    sdm=("SDM, 1 step", "sdm", ()), cd=("CD, 1 step", "cd", ())),
         evals=("uni", "amb"), columns=("uni", "amb", "amb:between"),
@@ -103,7 +111,7 @@ class Config:
     eval_seeds: tuple[int, ...] = (0, 1)  # evaluation seeds: the same fixed layouts for every cell
     episodes: int = 10  # layouts per task and evaluation seed
     cells: tuple[str, ...] = ()  # () = every cell of the table
-    steps: int | None = None  # every training run's steps (a quick or miniature table); default the table's
+    steps: int | None = None  # every training run's steps (a quick or miniature table); default the run's
     etc_limit: int = 600  # ETC records asked per evaluation
     root: str = str(ROOT)  # where data/, runs/ and results/ are
     dry_run: bool = False  # print the commands, run nothing
@@ -122,15 +130,16 @@ def call(cmd: list[str], cfg: Config):
 
 def train(cfg: Config, name: str, seed: int) -> Path:
     """The run's checkpoint, trained (after the runs it starts from) unless it is done."""
-    script, parent, args = TABLES[cfg.table]["runs"][name]
-    out = Path("runs") / cfg.table / f"s{seed}" / name
+    script, parent, args = RUNS[name]
+    # runs/s<seed>/<run>, shared by every table; a table at other steps (--steps) keeps its own copies
+    out = Path("runs") / f"s{seed}" / (name if cfg.steps is None else f"{name}.steps{cfg.steps}")
     if finished(out) or out in DONE:  # its parents are not needed (nor retrained if deleted)
         return out
     DONE.add(out)  # a dry run lists each run once
     start = [] if parent is None else [PARENT_FLAG[script], parent if parent == "base" else str(train(cfg, parent, seed))]
     more = ["--resume"] if (out / "train_state.pt").exists() else []
     more += ["--eval-episodes", "0"] if script == "train_vla.py" else []
-    if cfg.steps:  # one step count for every run, in place of the table's
+    if cfg.steps:  # one step count for every run, in place of the run's
         i = args.index("--steps") if "--steps" in args else len(args)
         args = [*args[:i], *args[i + 2:], "--steps", str(cfg.steps)]
     call([sys.executable, str(ROOT / script), *args, *start, *more, "--seed", str(seed), "--out", str(out)], cfg)

@@ -62,6 +62,11 @@ def test_a_miniature_table_runs_resumes_and_reports_with_intervals(world):
     assert {e["task"] for e in r["episodes"]} == {"reach", "push"}
     again = run(world)  # everything is done: nothing trains or evaluates
     assert "train_vla.py" not in again and "eval.py" not in again
+    # Another table reuses the runs it shares with this one (stage 1 and stage 2) and trains only its own.
+    plan = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "table1", "--root", str(world), "--seeds", "0",
+                           "--steps", "2", "--dry-run"], check=True, capture_output=True, text=True).stdout
+    trained = sorted(line.split("--out ")[1] for line in plan.splitlines() if "train_" in line)
+    assert trained == [f"runs/s0/{r}.steps2" for r in ("s2_act", "s2_act_base", "s2_base")]
     md = "\n".join(E.table_markdown(results))
     assert "| + in-domain ETC |  |  |  | 0 |" in md  # a cell not run yet: an empty row
     assert "+ OOD ETC > action only (novel colour words): " in md and "over 1 seed(s)" in md
