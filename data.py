@@ -308,7 +308,10 @@ class ActionSamples:
         pad = self.chunk - len(acts)
         acts = np.concatenate([acts, np.repeat(acts[-1:], pad, 0)])  # hold the last action
         texts = sim.instructions(task, self.ds.meta["color"], self.paraphrases, marker=goal_word(self.ds, task, i))
+        k, size = int(a["goal_marker"][i]), self.ds.meta["image_size"]
+        goal_px = a["markers_px"][i, k] if k >= 0 else a["goal_px"][i]  # the goal the instruction names, (2,)
         return dict(image=np.asarray(a["images"][i]), text=texts[rng.integers(len(texts))] + "\n",
+                    goal_px=np.clip(goal_px, 0, size - 1),  # for etc.ask_goal (the goal step); collate ignores it
                     proprio=((a["proprio"][i] - self.p_mean) / self.p_std).astype(np.float32),
                     actions=((acts - self.a_mean) / self.a_std).astype(np.float32),
                     action_mask=np.arange(self.chunk) < self.chunk - pad,

@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 
-import data, model, scaffold
+import data, etc, model, scaffold
 
 METHODS = {  # per-method defaults; the command line overrides any of them
     "sdm": dict(out="out/sdm", lr=1e-4, ema=0.0),
@@ -210,6 +210,7 @@ def main(cfg: Config):
     teacher.requires_grad_(False)
     sets = [data.ActionSamples(data.Dataset(p, image_size=teacher.cfg.image_size), teacher.cfg.chunk, stats=teacher.stats)
             for p in cfg.data]
+    sets = [etc.GoalSteps(s) for s in sets] if teacher.cfg.goal_step else sets  # its prefix holds the true goal pixel
     torch.manual_seed(cfg.seed)
     student = model.load(cfg.teacher, steps=1).to(device).requires_grad_(False)  # what is saved: the one-step policy
     real = teacher.expert

@@ -226,6 +226,26 @@ def prompt(question: str) -> str:
 def goal_question(instruction: str) -> str:  # also what eval.py grounding asks the VLM on a layout's first frame
     return f"where is the goal of: {instruction}?"
 
+def ask_goal(action_sample: dict, answer: str | None = None) -> dict:
+    """The goal step (VLAConfig.goal_step, pi0.5's high-level step): the action prompt becomes the
+    goal question of its instruction, answered by the goal's pixel (training: the true one, from
+    data.ActionSamples' goal_px, as teacher forcing) or by the VLM's own answer (the policy):
+        text = "question: where is the goal of: reach the blue marker?\nanswer: ", answer = "31 17"
+    The expert reads question and answer; the VLM learns to write the answer (next-token loss)."""
+    s = {k: v for k, v in action_sample.items() if k != "goal_px"}
+    return s | dict(text=prompt(goal_question(s["text"].strip())), answer=pt(action_sample["goal_px"]) if answer is None else answer)
+
+class GoalSteps:
+    """data.ActionSamples with the goal step (VLAConfig.goal_step) taken, for data.Batches."""
+    def __init__(self, actions: data.ActionSamples):
+        self.actions = actions
+
+    def __len__(self):
+        return len(self.actions)
+
+    def __call__(self, j: int, rng: np.random.Generator) -> dict:
+        return ask_goal(self.actions(j, rng))
+
 def sample(ds: data.Dataset, rec: dict) -> dict:
     """An ETC record with its frame's image; the answer is what the loss is taken on."""
     return dict(image=np.asarray(ds.arrays[rec["task"]]["images"][rec["frame"]]), text=prompt(rec["question"]), answer=rec["answer"])

@@ -42,6 +42,7 @@ class VLAConfig:
     freeze_vision: bool = False  # freeze the vision tower (the paper's ablation)
     grad_checkpoint: bool = False  # recompute the vision tower's and the expert's activations in backward
     insulate: bool = False  # knowledge insulation (pi0.5): no gradient from the expert into the VLM
+    goal_step: bool = False  # pi0.5's high-level step: the VLM first writes the goal's pixel, the expert reads it (flow head)
     bins: int = 256  # action-token bins over [-token_range, token_range] of normalised values
     token_range: float = 3.0
     steps: int = 10  # Euler steps when sampling; a distilled one-step student saves 1
@@ -316,6 +317,8 @@ class VLA(nn.Module):
             raise CheckpointError(f"--feed-layers must lie in 0..{tc.num_hidden_layers - 1}, got {cfg.feed_layers}")
         kv_dim = tc.num_key_value_heads * (getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
         self.expert = ActionExpert(cfg, len(self.feed_layers), kv_dim) if cfg.head == "flow" else None
+        if cfg.goal_step and cfg.head != "flow":
+            raise CheckpointError("--goal-step is for the flow head (the token head writes its actions as text itself)")
         self.act0 = self.tokenizer.convert_tokens_to_ids("<act0>")
         self.image_ids = image_token_ids(self.vlm.config, self.tokenizer)
         if cfg.freeze_vision:
@@ -334,7 +337,7 @@ class VLA(nn.Module):
         kv = [kv_layers(cache_of(out))[i] for i in self.feed_layers]
         if self.cfg.insulate or insulate:
             kv = [(k.detach(), v.detach()) for k, v in kv]
-        return dict(kv=kv, mask=batch["attention_mask"].bool(), state=batch["proprio"])
+        return dict(kv=kv, mask=batch["attention_mask"].bool(), state=batch["proprio"], hidden=out.last_hidden_state)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, prefix: dict, expert: ActionExpert | None = None) -> torch.Tensor:
         """x0_hat = x_t - t v(x_t, t), by this VLA's expert or another copy of it (distillation's
@@ -359,8 +362,12 @@ class VLA(nn.Module):
             u = act["time_u"] if "time_u" in act else torch.rand(a.shape[0], generator=generator, device=a.device)
             t = sample_time(u).to(a.dtype)
             x_t, target = flow_target(a, eps.to(a.dtype), t)
-            v = self.expert(x_t, t, self.expert.project(self.prefix(act, insulate)))
+            prefix = self.prefix(act, insulate)
+            v = self.expert(x_t, t, self.expert.project(prefix))
             out["flow"] = flow_sums(v, target, act["action_mask"].to(v.dtype))
+            if self.cfg.goal_step:  # the goal's pixel, written by the VLM: next-token loss, added to the ETC's
+                s, n = next_token_sums(self.vlm.get_output_embeddings()(prefix["hidden"]), act["labels"])
+                out["lm"] = (out["lm"][0] + s, out["lm"][1] + n) if "lm" in out else (s, n)
         return out
 
     def loss(self, batch: dict, generator=None) -> dict:

@@ -55,6 +55,7 @@ class Config:
     grad_checkpoint: bool = False  # recompute activations in backward (vision tower, expert): memory for time
     fsdp: bool = False  # under torchrun: FSDP2 shards the model across processes (DDP copies it); for a VLM too big for one GPU
     insulate: bool = False  # knowledge insulation for the whole run
+    goal_step: bool = False  # stage 2: the VLM writes the goal's pixel before the expert acts (pi0.5's high-level step); stage 3 keeps its checkpoint's
     holdout: int = 10  # every holdout-th episode's ETC is kept for evaluation only
     log_every: int = 50  # 0 = only the last step
     eval_every: int = 1000  # held-out ETC accuracy every so often (and at the end); 0 = only at the end
@@ -77,7 +78,7 @@ def build(cfg: Config, ds: data.Dataset) -> model.VLA:
     """The starting model: the base VLM, a stage-1 VLM with a fresh head, or a stage-2 VLA."""
     torch.manual_seed(cfg.seed)  # a fresh expert starts the same way in every process
     options = dict(head=cfg.head, chunk=cfg.chunk, freeze_vision=cfg.freeze_vision, insulate=cfg.insulate,
-                   grad_checkpoint=cfg.grad_checkpoint)
+                   goal_step=cfg.goal_step, grad_checkpoint=cfg.grad_checkpoint)
     stats = ds.meta["stats"]
     if cfg.init == "base":
         return model.VLA(model.VLAConfig(vlm=cfg.vlm, image_size=ds.meta["image_size"], **options), stats=stats,
@@ -95,6 +96,8 @@ def build(cfg: Config, ds: data.Dataset) -> model.VLA:
     if cfg.stage == 3 and (init.cfg.head != cfg.head or init.cfg.chunk != cfg.chunk):
         raise model.CheckpointError(f"{cfg.init} has head={init.cfg.head}, chunk={init.cfg.chunk}; "
                                     f"pass --head {init.cfg.head} --chunk {init.cfg.chunk}")
+    if cfg.stage == 3 and cfg.goal_step and not init.cfg.goal_step:
+        raise model.CheckpointError(f"{cfg.init} was trained without the goal step; a policy keeps it from stage 2 on")
     if cfg.stage == 3:
         return init.train()
     # stage 2 from stage 1: keep the bridged VLM, start a fresh action head on it
@@ -113,7 +116,8 @@ def main(cfg: Config):
     net = scaffold.wrap(vla, proc, cfg.fsdp)
     train, held = etc.load(cfg.etc_data, cfg.levels, cfg.holdout, vla.cfg.image_size)
     probe = [item for h in held for item in h[::7][:300]]  # as in stage 1
-    batches = data.Batches(etc.Samples(train), data.ActionSamples(ds, cfg.chunk, stats=vla.stats), vla.tokenizer,
+    actions = data.ActionSamples(ds, cfg.chunk, stats=vla.stats)
+    batches = data.Batches(etc.Samples(train), etc.GoalSteps(actions) if vla.cfg.goal_step else actions, vla.tokenizer,
                            vla.image_ids, cfg.batch, data.Ramp("cosine", cfg.etc_start, cfg.etc_end, cfg.steps),
                            dict.fromkeys(cfg.levels, 1.0), cfg.seed, cfg.kind_weights)
     params = [p for p in vla.parameters() if p.requires_grad]

@@ -5,12 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import data
 import etc
 import model
+import scaffold
 import train_etc
 import train_vla
 
@@ -167,3 +169,32 @@ def test_action_weight_schedule_scales_the_action_loss(etc_path, stage1_ckpt, tm
     stage2(etc_path, stage1_ckpt, tmp_path / "w", steps=3, action_weight_start=0.0, action_weight_end=2.0)
     sched = data.Ramp("cosine", 0.0, 2.0, 3)
     assert [w["flow"] for w in seen] == [sched(s) for s in range(3)] and all(w["lm"] == 1.0 for w in seen)
+
+
+def test_the_goal_step_writes_the_goal_pixel_and_the_policy_acts_on_its_own_answer(etc_path, stage1_ckpt, tmp_path, monkeypatch):
+    ds = data.Dataset(etc_path)
+    steps = etc.GoalSteps(data.ActionSamples(ds, 8))
+    # Teacher forcing: the answer is the goal pixel the ETC goal record gives for the same frame.
+    goals = {(r["task"], r["frame"]): r["answer"] for r in etc.read(etc_path / "etc.jsonl") if r["question"] == "where is the goal?"}
+    checked = 0
+    for j, (task, i) in enumerate(steps.actions.index):
+        if (task, i) in goals:
+            s = steps(j, np.random.default_rng(0))
+            assert s["text"].startswith("question: where is the goal of: ") and s["answer"] == goals[task, i]
+            checked += 1
+    assert checked > 10
+    stage2(etc_path, stage1_ckpt, tmp_path / "goal", goal_step=True)
+    vla = model.load(tmp_path / "goal")
+    assert vla.cfg.goal_step
+    batch = data.collate([steps(j, np.random.default_rng(j)) for j in range(4)], vla.tokenizer, vla.image_ids)
+    terms = vla(act=batch)
+    assert terms["lm"][1] == (batch["labels"] != -100).sum() > 0  # the VLM is taught the answer, the expert the chunk
+    # The policy asks first and the expert reads the VLM's own answer, whatever it wrote.
+    said, collated = [], []
+    real_answers, real_collate = scaffold.answers, data.collate
+    monkeypatch.setattr(scaffold, "answers", lambda *a, **k: said.extend(real_answers(*a, **k)) or said[-1:])
+    monkeypatch.setattr(data, "collate", lambda samples, *a: collated.append(samples) or real_collate(samples, *a))
+    image, proprio = ds.arrays["reach"]["images"][0], ds.arrays["reach"]["proprio"][0]
+    chunk = scaffold.policy(vla)(np.asarray(image), "reach the goal", proprio)
+    assert chunk.shape == (8, 4) and len(said) == 1
+    assert collated[-1][0]["text"] == "question: where is the goal of: reach the goal?\nanswer: " and collated[-1][0]["answer"] == said[0]
