@@ -167,6 +167,7 @@ def test_bench_quick_mode_prints_every_table(tmp_path):
     text = out.read_text()
     for title in ("Collection", "PI0ForConditionalGeneration", "model FLOP utilisation", "Inference latency"):
         assert title in text
+    assert float(text.split("write the goal's pixel: ")[1].split(" ms")[0]) > 0  # the goal step's decode, timed
     mfu = float(text.split("| MFU |")[1].split("\n")[2].split("|")[-2].strip().rstrip("%"))
     assert 0 < mfu < 100  # a measured fraction of a peak measured in the same run
 
