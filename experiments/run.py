@@ -8,10 +8,11 @@
 A table is a set of cells, each evaluating one training run (a script, its arguments, the run
 it starts from: RUNS). The runs are shared by every cell and every table that needs them, so
 `table1` after `ood` trains only what `ood` did not. Checkpoints go to runs/s<seed>/<run>/ (not
-committed): a finished run is skipped, one cut off resumes exactly. Each evaluation writes results/<table>/<cell>.s<seed>.<eval>.json (committed) and is
-skipped when it exists, so a table can be built over several sittings. Every cell of a table is
-evaluated on the same fixed layouts (eval.py's evaluation seeds). The datasets are the
-pipeline's grounded world (`bash pipeline.sh data` makes them when they are missing).
+committed): a finished run is skipped, one cut off resumes exactly. Each evaluation writes
+results/<table>/<cell>.s<seed>.<eval>.json (committed) and is skipped when it exists, so a
+table can be built over several sittings. Every cell of a table is evaluated on the same fixed
+layouts (eval.py's evaluation seeds). The datasets are the pipeline's grounded world (`bash
+pipeline.sh data` makes them when they are missing).
 """
 import json, os, shlex, subprocess, sys, time
 from dataclasses import asdict, dataclass
