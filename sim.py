@@ -318,7 +318,11 @@ class World:
         return np.linalg.norm((self.markers if points is None else points) - end, axis=1)
 
     def expert_action(self) -> np.ndarray:
-        return np.clip(self.expert.get_action(self.obs), -1.0, 1.0).astype(np.float32)
+        obs = self.obs
+        if self.task == "reach":  # the expert steers the hand body, 4.5 cm above the fingertips success is measured at:
+            obs = obs.copy()      # shifting its goal by that offset puts the fingertips on the goal, not 4.5 cm short
+            obs[-3:] += obs[:3] - self.hand()
+        return np.clip(self.expert.get_action(obs), -1.0, 1.0).astype(np.float32)
 
     def hand(self) -> np.ndarray:
         return self.env.tcp_center.copy()  # between the fingertips
