@@ -395,7 +395,8 @@ def report_markdown(cfg: Report) -> str:
         out += ["", f"Episodes per task and condition: {', '.join(map(str, eps))}.", ""]
     etcs = [r for r in res if r["kind"] == "etc"]
     if etcs:
-        cell = lambda s: f"{s['acc']:.2f} ({s['px_err']:.1f} px)" if s.get("px_err") is not None else f"{s['acc']:.2f}"  # noqa: E731
+        px = lambda e: f" ({e:.1f} px)" if e <= 200 else " (> 200 px: off the image)"  # a model that writes runaway digits  # noqa: E731
+        cell = lambda s: f"{s['acc']:.2f}" + (px(s["px_err"]) if s.get("px_err") is not None else "")  # noqa: E731
         out += ["**ETC question accuracy** on held-out episodes: words exact, points within 4 px "
                 "(median pixel error of the coordinate answers)", "",
                 "| checkpoint | " + " | ".join(etc.LEVELS) + " | records |", "|---" * (len(etc.LEVELS) + 2) + "|"]
