@@ -14,7 +14,7 @@ table can be built over several sittings. Every cell of a table is evaluated on 
 layouts (eval.py's evaluation seeds). The datasets are the pipeline's grounded world (`bash
 pipeline.sh data` makes them when they are missing).
 """
-import json, os, shlex, subprocess, sys, time
+import hashlib, json, os, shlex, subprocess, sys, time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -124,6 +124,21 @@ def finished(out: Path) -> bool:  # a checkpoint whose run has done all of its s
     except (OSError, KeyError, ValueError):
         return False
 
+def world_id() -> str:
+    """The datasets' meta.json files hashed: scene, seeds and proprio/action statistics, which move
+    whenever the episodes do (a new expert, a new world)."""
+    h = hashlib.sha256()
+    for d in ("source", "scenes", "target", "ood"):
+        h.update(Path(f"data/{d}/meta.json").read_bytes())
+    return h.hexdigest()[:16]
+
+def check_world(out: Path):
+    """A checkpoint trained on other data than data/ holds now is not reused (nor resumed) silently."""
+    stamp = out.with_name(out.name + ".world")  # beside the run: the trainers own its folder
+    if out.exists() and (not stamp.exists() or stamp.read_text() != world_id()):
+        sys.exit(f"error: {out} was trained on other data than data/ holds now; "
+                 f"delete it (or all of runs/) to retrain on the current data")
+
 def call(cmd: list[str], cfg: Config):
     print("[experiments]", shlex.join(cmd), flush=True)
     if not cfg.dry_run:
@@ -134,7 +149,10 @@ def train(cfg: Config, name: str, seed: int) -> Path:
     script, parent, args = RUNS[name]
     # runs/s<seed>/<run>, shared by every table; a table at other steps (--steps) keeps its own copies
     out = Path("runs") / f"s{seed}" / (name if cfg.steps is None else f"{name}.steps{cfg.steps}")
-    if finished(out) or out in DONE:  # its parents are not needed (nor retrained if deleted)
+    if out in DONE:
+        return out
+    check_world(out)
+    if finished(out):  # its parents are not needed (nor retrained if deleted)
         return out
     DONE.add(out)  # a dry run lists each run once
     start = [] if parent is None else [PARENT_FLAG[script], parent if parent == "base" else str(train(cfg, parent, seed))]
@@ -143,6 +161,9 @@ def train(cfg: Config, name: str, seed: int) -> Path:
     if cfg.steps:  # one step count for every run, in place of the run's
         i = args.index("--steps") if "--steps" in args else len(args)
         args = [*args[:i], *args[i + 2:], "--steps", str(cfg.steps)]
+    if not cfg.dry_run:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_name(out.name + ".world").write_text(world_id())
     call([sys.executable, str(ROOT / script), *args, *start, *more, "--seed", str(seed), "--out", str(out)], cfg)
     return out
 

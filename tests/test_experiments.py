@@ -67,6 +67,12 @@ def test_a_miniature_table_runs_resumes_and_reports_with_intervals(world):
                            "--steps", "2", "--dry-run"], check=True, capture_output=True, text=True).stdout
     trained = sorted(line.split("--out ")[1] for line in plan.splitlines() if "train_" in line)
     assert trained == [f"runs/s0/{r}.steps2" for r in ("s2_act", "s2_act_base", "s2_base")]
+    # A run trained on other data than data/ holds now is refused, with the fix, not reused.
+    stamp = world / "runs" / "s0" / "s2.steps2.world"
+    stamp.write_text("another world")
+    p = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "table1", "--root", str(world), "--seeds", "0",
+                        "--steps", "2", "--dry-run"], capture_output=True, text=True)
+    assert p.returncode != 0 and "runs/s0/s2.steps2 was trained on other data than data/ holds now; delete it" in p.stderr
     md = "\n".join(E.table_markdown(results))
     assert "| + in-domain ETC |  |  |  | 0 |" in md  # a cell not run yet: an empty row
     assert "+ OOD ETC > action only (novel colour words): " in md and "over 1 seed(s)" in md
