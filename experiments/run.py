@@ -132,9 +132,12 @@ def world_id() -> str:
         h.update(Path(f"data/{d}/meta.json").read_bytes())
     return h.hexdigest()[:16]
 
+def world_stamp(out: Path) -> Path:  # beside the run, not in it: the trainers own its folder
+    return out.with_name(out.name + ".world")
+
 def check_world(out: Path):
     """A checkpoint trained on other data than data/ holds now is not reused (nor resumed) silently."""
-    stamp = out.with_name(out.name + ".world")  # beside the run: the trainers own its folder
+    stamp = world_stamp(out)
     if out.exists() and (not stamp.exists() or stamp.read_text() != world_id()):
         sys.exit(f"error: {out} was trained on other data than data/ holds now; "
                  f"delete it (or all of runs/) to retrain on the current data")
@@ -163,7 +166,7 @@ def train(cfg: Config, name: str, seed: int) -> Path:
         args = [*args[:i], *args[i + 2:], "--steps", str(cfg.steps)]
     if not cfg.dry_run:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_name(out.name + ".world").write_text(world_id())
+        world_stamp(out).write_text(world_id())
     call([sys.executable, str(ROOT / script), *args, *start, *more, "--seed", str(seed), "--out", str(out)], cfg)
     return out
 
