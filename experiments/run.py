@@ -125,11 +125,12 @@ def finished(out: Path) -> bool:  # a checkpoint whose run has done all of its s
         return False
 
 def world_id() -> str:
-    """The datasets' meta.json files hashed: scene, seeds and proprio/action statistics, which move
-    whenever the episodes do (a new expert, a new world)."""
+    """The datasets hashed: meta.json (scene, seeds and proprio/action statistics, which move whenever
+    the episodes do: a new expert, a new world) and etc.jsonl (the questions and answers: new ETC)."""
     h = hashlib.sha256()
     for d in ("source", "scenes", "target", "ood"):
-        h.update(Path(f"data/{d}/meta.json").read_bytes())
+        for f in ("meta.json", "etc.jsonl"):
+            h.update(Path(f"data/{d}/{f}").read_bytes())
     return h.hexdigest()[:16]
 
 def world_stamp(out: Path) -> Path:  # beside the run, not in it: the trainers own its folder

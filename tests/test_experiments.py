@@ -84,3 +84,20 @@ def test_an_unknown_cell_is_named_with_the_valid_ones(world):
     p = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "sdm", "--root", str(world), "--cells", "sdm2"],
                        capture_output=True, text=True)
     assert p.returncode != 0 and "no cell ['sdm2'] in sdm; its cells are ['teacher10', 'teacher1', 'sdm', 'cd']" in p.stderr
+
+
+def test_the_world_stamp_moves_with_the_data_and_its_etc_records(tmp_path, monkeypatch):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("run", ROOT / "experiments" / "run.py")
+    R = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(R)
+    for d in ("source", "scenes", "target", "ood"):
+        (tmp_path / "data" / d).mkdir(parents=True)
+        (tmp_path / "data" / d / "meta.json").write_text("{}")
+        (tmp_path / "data" / d / "etc.jsonl").write_text('{"q": 1}\n')
+    monkeypatch.chdir(tmp_path)
+    before = R.world_id()
+    (tmp_path / "data" / "scenes" / "etc.jsonl").write_text('{"q": 2}\n')  # new ETC on the same episodes
+    after = R.world_id()
+    (tmp_path / "data" / "target" / "meta.json").write_text('{"expert": "new"}')  # new episodes
+    assert len({before, after, R.world_id()}) == 3
