@@ -35,6 +35,7 @@ class Collect:
     variation: sim.Variation = field(default_factory=sim.Variation)  # colours and camera jitter
     wrist: bool = False  # also store the wrist camera view
     actions: bool = True  # --no-actions: an ETC-only dataset (novel scenes, no action labels)
+    frame_every: int = 1  # keep every n-th step of each rollout (--no-actions only): n x fewer frames to render and store, so more layouts
     max_steps: int = 300  # give up on an episode after this many steps
     post_success: int = 8  # frames kept after the first success, so 'done' is seen
     workers: int = 2  # processes, one World each; results do not depend on this
@@ -58,7 +59,7 @@ def close_worlds():
 
 def run_episode(job: tuple) -> dict | None:
     """One scripted episode; its per-frame arrays, or None if the expert failed."""
-    task, seed, goal, size, variation, wrist, max_steps, post_success = job
+    task, seed, goal, size, variation, wrist, max_steps, post_success, every = job
     key = (task, size, variation, wrist)
     if key not in _WORLDS:
         close_worlds()
@@ -70,16 +71,20 @@ def run_episode(job: tuple) -> dict | None:
     with warnings.catch_warnings():  # the experts warn about their own gains
         warnings.simplefilter("ignore")
         while w.steps < max_steps and left > 0:
+            action, last = w.expert_action(), left == success or w.steps == max_steps - 1
+            left -= success  # count the frames shown after the first success
+            if w.steps % every and not last:  # simulated, not kept (rendering is most of a frame's cost)
+                success = w.step(action) or success
+                continue
             objs, c = w.objects(), w.camera
             rows.append(dict(
-                images=w.render(), proprio=w.proprio(), hand=w.hand(), objects=objs, goal=w.goal(),
+                images=w.render(), step=w.steps, proprio=w.proprio(), hand=w.hand(), objects=objs, goal=w.goal(),
                 hand_px=w.project(w.hand()), objects_px=w.project(objs), goal_px=w.project(w.goal()),
                 objects_box=np.stack([w.box(g) for g in w.object_geoms]), hand_box=w.box(w.hand_geoms),
                 success=success, contact=w.contact(), camera=np.array([*c.lookat, c.distance, c.azimuth, c.elevation, c.fovy]),
                 markers=w.markers, markers_px=w.project(w.markers), goal_marker=w.goal_marker,  # (K, 3), (K, 2), ()
                 marker_color=np.array([colors.index(m) for m in w.marker_colors], dtype=int)))  # (K,) into meta's list
-            rows[-1]["actions"] = action = w.expert_action()
-            left -= success  # count the frames shown after the first success
+            rows[-1]["actions"] = action
             success = w.step(action) or success
     if not success:
         return None
@@ -110,7 +115,7 @@ def collect_task_episodes(cfg: Collect, imap, task: str, bar) -> tuple[list[dict
         need = want - len(found)
         ks = range(k, k + need + max(2, need // 10))  # a few spares: experts fail ~2%
         jobs = [(task, *layout_goal(cfg, task, i), cfg.image_size, cfg.variation,
-                 cfg.wrist, cfg.max_steps, cfg.post_success) for i in ks]
+                 cfg.wrist, cfg.max_steps, cfg.post_success, cfg.frame_every) for i in ks]
         for i, ep in zip(ks, imap(run_episode, jobs)):
             bar.update(1)
             wins += ep is not None
@@ -133,6 +138,9 @@ def collect(cfg: Collect) -> Path:
         sim.parse_color(c)
     if not 1 <= cfg.goals_per_layout <= max(cfg.variation.markers, 1):
         raise DataError(f"--goals-per-layout {cfg.goals_per_layout}: use 1 to --variation.markers ({cfg.variation.markers})")
+    if cfg.frame_every not in (1, 2, 4) or (cfg.frame_every > 1 and cfg.actions):
+        raise DataError(f"--frame-every {cfg.frame_every}: use 1, 2 or 4 (ETC's horizons are 4 steps), and above 1 "
+                        "only with --no-actions (an action chunk needs consecutive steps)")
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise DataError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
@@ -141,7 +149,7 @@ def collect(cfg: Collect) -> Path:
     meta = dict(format_version=FORMAT_VERSION, tasks={}, image_size=cfg.image_size,
                 has_actions=cfg.actions, variation=asdict(cfg.variation), color=color,
                 marker_colors=cfg.variation.all_marker_colors() if cfg.variation.markers else [],
-                camera=asdict(sim.Camera()), wrist=cfg.wrist, seed=cfg.seed)
+                camera=asdict(sim.Camera()), wrist=cfg.wrist, seed=cfg.seed, frame_every=cfg.frame_every)
     # spawned workers: fresh processes, no OpenGL state inherited through fork
     pool = mp.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else None
     try:
@@ -151,7 +159,6 @@ def collect(cfg: Collect) -> Path:
                 eps, attempts, wins = collect_task_episodes(cfg, pool.imap if pool else map, task, bar)
                 arrays = {k: np.concatenate([e[k] for e in eps]) for k in eps[0]}
                 arrays["episode"] = np.concatenate([np.full(len(e["images"]), i) for i, e in enumerate(eps)])
-                arrays["step"] = np.concatenate([np.arange(len(e["images"])) for e in eps])
                 if not cfg.actions:
                     del arrays["actions"]  # OOD scenes: never an action label
                 (tmp / task).mkdir()

@@ -83,10 +83,16 @@ def relation(hand: np.ndarray, obj: np.ndarray, cam_row: np.ndarray, tol: float 
     depth = "in front" if d @ fwd < -tol else "behind" if d @ fwd > tol else "level"
     return f"{side}, {height}, {depth}"
 
-def motion(hand: np.ndarray, grip: np.ndarray, t: int, cam_row: np.ndarray, h: int = 5) -> str:
-    """The gripper's dominant move over the next h steps (camera frame), and a grip change."""
+def ahead(steps: np.ndarray, t: int, h: int) -> int:
+    """The episode's first kept frame at least h steps after frame t (its last frame at the end).
+    steps: (T,) the simulator step of each kept frame (every step, or every n-th: --frame-every)."""
+    return min(int(np.searchsorted(steps, steps[t] + h)), len(steps) - 1)
+
+def motion(hand: np.ndarray, grip: np.ndarray, steps: np.ndarray, t: int, cam_row: np.ndarray, h: int = 4) -> str:
+    """The gripper's dominant move over the next h steps (camera frame), and a grip change (seen
+    at the kept frames). h = 4, the waypoints' spacing: exact with --frame-every 1, 2 or 4."""
     right, _, fwd = camera_axes(cam_row)
-    e = min(t + h, len(hand) - 1)
+    e = ahead(steps, t, h)
     d = hand[e] - hand[t]
     comps = {"right": d @ right, "up": d[2], "away from the camera": d @ fwd}
     name, v = max(comps.items(), key=lambda kv: abs(kv[1]))
@@ -137,13 +143,13 @@ def for_frame(a: dict, i: int, frames: np.ndarray, task: str, nouns: list[str], 
     out += [("task", "subgoal", f"what is the next step to {instruction}?", PHASES[later[0]] if len(later) else "done"),
             ("task", "done", f"is the task done: {instruction}?", "yes" if a["success"][i] else "no")]
     # action-aligned planning: the gripper's future path, its relation to the object, its next move
-    future = [min(i + 4 * j, frames[-1]) for j in range(1, 6)]  # 5 waypoints, 4 steps apart
+    future = frames[[ahead(a["step"][frames], i - frames[0], 4 * j) for j in range(1, 6)]]  # 5 waypoints, 4 steps apart
     out += [("planning", "trajectory", f"predict the trajectory of: {instruction}",
              ", ".join(pt(p) for p in a["hand_px"][future].clip(0, size - 1))),
             ("planning", "relation", f"where is the gripper relative to the {nouns[0]}?",
              relation(a["hand"][i], a["objects"][i, 0], a["camera"][i])),
             ("planning", "motion", "where does the gripper move next?",
-             motion(a["hand"][frames], a["grip"][frames], i - frames[0], a["camera"][i]))]
+             motion(a["hand"][frames], a["grip"][frames], a["step"][frames], i - frames[0], a["camera"][i]))]
     return out
 
 # --- Records of a dataset, on disk as JSON lines ----------------------------------------------
@@ -168,7 +174,7 @@ def records(ds: data.Dataset, every: int = 4, paraphrases: str = "train", seed: 
         for ep, frames in enumerate(eps):
             texts = sim.instructions(task, color, paraphrases, marker=data.goal_word(ds, task, frames[0]))
             instruction = texts[rng.integers(len(texts))]
-            for i in frames[::every]:
+            for i in frames[a["step"][frames] % every == 0]:  # one step in `every` (kept frames: --frame-every)
                 for level, kind, q, ans in for_frame(a, int(i), frames, task, nouns, color, instruction, size, ds.marker_words):
                     recs.append(dict(task=task, frame=int(i), episode=ep, step=int(a["step"][i]),
                                      level=level, kind=kind, question=q, answer=ans))

@@ -29,8 +29,10 @@ NOVEL="teal=0,0.5,0.5 lime=0.6,1,0.2"  # goal colour words that no action data e
 have data/source || run python data.py collect --out data/source --episodes 100 $WORLD $OW
 have data/source/etc.jsonl || run python etc.py --data data/source
 #    Many more layouts of the grounded tasks, for ETC only: ETC needs no demonstrations, and
-#    binding colour words to places generalises only past a few hundred scenes.
-have data/scenes || run python data.py collect --out data/scenes --episodes 300 --tasks reach push $WORLD --no-actions $OW
+#    binding colour words to places generalises only past a few hundred scenes. ETC asks one
+#    step in 4, so only those are rendered and stored (--frame-every 4).
+have data/scenes || run python data.py collect --out data/scenes --episodes 300 --tasks reach push $WORLD --no-actions \
+    --frame-every 4 $OW
 have data/scenes/etc.jsonl || run python etc.py --data data/scenes
 
 # 2. Target domain: the same tasks on a white table, 5 demonstrations each, and their ETC.

@@ -153,6 +153,25 @@ def test_goals_per_layout_demonstrate_one_image_toward_each_marker(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_frame_every_keeps_every_nth_step_of_the_same_rollout_and_its_etc(tmp_path):
+    var = sim.Variation(markers=3)
+    sets = [data.Dataset(data.collect(data.Collect(tasks=("reach",), episodes=2, out=str(tmp_path / f"f{n}"), workers=1,
+                                                    variation=var, actions=False, frame_every=n))) for n in (1, 4)]
+    full, kept = (ds.arrays["reach"] for ds in sets)
+    last = np.zeros(len(full["step"]), bool)
+    last[[f[-1] for f in sets[0].episode_frames("reach")]] = True
+    every4 = np.flatnonzero((np.asarray(full["step"]) % 4 == 0) | last)  # and each episode's end
+    np.testing.assert_array_equal(kept["step"], full["step"][every4])
+    for k in ("images", "hand", "markers_px", "episode"):
+        np.testing.assert_array_equal(kept[k], full[k][every4], err_msg=k)
+    # ETC asks the same steps the same questions with the same answers (waypoints and moves are 4 steps apart)
+    recs = [{(r["episode"], r["step"], r["kind"], r["question"], r["answer"]) for r in etc.records(ds)} for ds in sets]
+    assert recs[0] == recs[1] and {k for _, _, k, _, _ in recs[0]} >= {"marker", "trajectory", "motion", "goal"}
+    with pytest.raises(data.DataError, match="--frame-every 4: use 1, 2 or 4 .* only with --no-actions"):
+        data.collect(data.Collect(tasks=("reach",), out=str(tmp_path / "x"), frame_every=4))
+    assert not (tmp_path / "x").exists()
+
+
 def test_bad_inputs_give_one_clear_error_and_keep_what_is_on_disk(tmp_path, dataset_path):
     with pytest.raises(data.DataError, match="no dataset at"):
         data.Dataset(tmp_path / "missing")
