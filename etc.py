@@ -143,13 +143,14 @@ def for_frame(a: dict, i: int, frames: np.ndarray, task: str, nouns: list[str], 
     out += [("task", "subgoal", f"what is the next step to {instruction}?", PHASES[later[0]] if len(later) else "done"),
             ("task", "done", f"is the task done: {instruction}?", "yes" if a["success"][i] else "no")]
     # action-aligned planning: the gripper's future path, its relation to the object, its next move
-    future = frames[[ahead(a["step"][frames], i - frames[0], 4 * j) for j in range(1, 6)]]  # 5 waypoints, 4 steps apart
+    steps, t = a["step"][frames], i - frames[0]  # the episode's simulator steps; frame i's place among them
+    future = frames[[ahead(steps, t, 4 * j) for j in range(1, 6)]]  # 5 waypoints, 4 steps apart
     out += [("planning", "trajectory", f"predict the trajectory of: {instruction}",
              ", ".join(pt(p) for p in a["hand_px"][future].clip(0, size - 1))),
             ("planning", "relation", f"where is the gripper relative to the {nouns[0]}?",
              relation(a["hand"][i], a["objects"][i, 0], a["camera"][i])),
             ("planning", "motion", "where does the gripper move next?",
-             motion(a["hand"][frames], a["grip"][frames], a["step"][frames], i - frames[0], a["camera"][i]))]
+             motion(a["hand"][frames], a["grip"][frames], steps, t, a["camera"][i]))]
     return out
 
 # --- Records of a dataset, on disk as JSON lines ----------------------------------------------
