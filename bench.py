@@ -81,8 +81,7 @@ def random_images(n: int, size: int = 64) -> torch.Tensor:
 def collection_rate(tasks: list[str], episodes: int, size: int, workers: int) -> tuple[int, float]:
     """(frames, seconds) for scripted episodes in `workers` warm processes (start-up excluded)."""
     import data
-    import sim
-    jobs = [(t, data.episode_seed(0, t, k), None, size, sim.Variation(), False, 300, 8, 1) for t in tasks for k in range(episodes)]
+    jobs = [data.episode_job(data.Collect(image_size=size), t, k) for t in tasks for k in range(episodes)]
     with mp.get_context("spawn").Pool(workers) as pool:
         pool.map(data.run_episode, jobs[:workers], chunksize=1)  # imports, GL contexts
         t0 = time.perf_counter()

@@ -71,6 +71,7 @@ def run_episode(job: tuple) -> dict | None:
     with warnings.catch_warnings():  # the experts warn about their own gains
         warnings.simplefilter("ignore")
         while w.steps < max_steps and left > 0:
+            # last: the final frame (the frames after success used up, or out of steps), kept whatever its step
             action, last = w.expert_action(), left == success or w.steps == max_steps - 1
             left -= success  # count the frames shown after the first success
             if w.steps % every and not last:  # simulated, not kept (rendering is most of a frame's cost)
@@ -104,6 +105,11 @@ def layout_goal(cfg: Collect, task: str, k: int) -> tuple[int, int | None]:
     g = goals_per_layout(cfg, task)
     return episode_seed(cfg.seed, task, k // g), (k % g if g > 1 else None)
 
+def episode_job(cfg: Collect, task: str, k: int) -> tuple:
+    """run_episode's job for attempt k of a task (bench.py times the same jobs)."""
+    return (task, *layout_goal(cfg, task, k), cfg.image_size, cfg.variation, cfg.wrist, cfg.max_steps,
+            cfg.post_success, cfg.frame_every)
+
 def collect_task_episodes(cfg: Collect, imap, task: str, bar) -> tuple[list[dict], int, int]:
     """The first cfg.episodes (x goals per layout) successful attempts in attempt order; attempts; successes."""
     want = cfg.episodes * goals_per_layout(cfg, task)
@@ -114,8 +120,7 @@ def collect_task_episodes(cfg: Collect, imap, task: str, bar) -> tuple[list[dict
                             f"within --max-steps {cfg.max_steps}; raise it or drop the task")
         need = want - len(found)
         ks = range(k, k + need + max(2, need // 10))  # a few spares: experts fail ~2%
-        jobs = [(task, *layout_goal(cfg, task, i), cfg.image_size, cfg.variation,
-                 cfg.wrist, cfg.max_steps, cfg.post_success, cfg.frame_every) for i in ks]
+        jobs = [episode_job(cfg, task, i) for i in ks]
         for i, ep in zip(ks, imap(run_episode, jobs)):
             bar.update(1)
             wins += ep is not None
