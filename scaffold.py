@@ -222,21 +222,25 @@ def run_policy(policy, task: str, seeds: list[int], instruction, variation: sim.
     nearest the named marker, whether between two alike goals; None where it does not apply).
     policy(image (H, W, 3) uint8, text, proprio (4,)) -> actions (K, 4) in [-1, 1], the first
     `execute` run before asking again. instruction: a text, or World -> (text, named marker);
-    frames: a list gets each episode's images."""
+    frames: a list gets each episode's images. The torch noise a policy draws in an episode is
+    seeded by its layout seed (the caller's generator left as it was): an episode's outcome does
+    not depend on which worker ran it or after what, and every checkpoint sees the same draws."""
     world, results = sim.World(task, image_size, variation), []
     try:
         for seed in seeds:
             world.seed(seed)
             text, named = instruction(world) if callable(instruction) else (instruction, world.goal_marker)
             success, seen = False, []
-            while world.steps < max_steps and not success:
-                chunk = policy(world.render(), text, world.proprio())
-                for a in chunk[:execute]:
-                    success = world.step(a) or success
-                    if frames is not None:
-                        seen.append(world.render())
-                    if success or world.steps >= max_steps:
-                        break
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                while world.steps < max_steps and not success:
+                    chunk = policy(world.render(), text, world.proprio())
+                    for a in chunk[:execute]:
+                        success = world.step(a) or success
+                        if frames is not None:
+                            seen.append(world.render())
+                        if success or world.steps >= max_steps:
+                            break
             results.append((success, world.nearest_marker() == named if len(world.markers) else None, world.between()))
             if frames is not None:
                 frames.append(seen)
