@@ -88,7 +88,7 @@ def test_an_episodes_policy_noise_is_seeded_by_its_layout_and_the_callers_genera
         frames = []
         outcome = scaffold.run_policy(noisy, "reach", [3, 4], "reach the goal", max_steps=16, frames=frames)
         runs.append((outcome, np.stack([ep[-1] for ep in frames]), torch.rand(3)))
-    (a, last_a, after_a), (b, last_b, after_b) = runs
+    (a, last_a, after_a), (b, last_b, _) = runs
     assert a == b and np.array_equal(last_a, last_b)  # the same episodes from either generator state
     assert not np.array_equal(last_a[0], last_a[1])  # and the frames do show the two layouts
     torch.manual_seed(1)
