@@ -319,11 +319,12 @@ class ActionSamples:
         acts = np.asarray(a["actions"][i:i + self.chunk])[ep == ep[0]]  # stop at the episode's end
         pad = self.chunk - len(acts)
         acts = np.concatenate([acts, np.repeat(acts[-1:], pad, 0)])  # hold the last action
-        texts = sim.instructions(task, self.ds.meta["color"], self.paraphrases, marker=goal_word(self.ds, task, i))
+        word = goal_word(self.ds, task, i)
+        texts = sim.instructions(task, self.ds.meta["color"], self.paraphrases, marker=word)
         k, size = int(a["goal_marker"][i]), self.ds.meta["image_size"]
         goal_px = a["markers_px"][i, k] if k >= 0 else a["goal_px"][i]  # the goal the instruction names, (2,)
         return dict(image=np.asarray(a["images"][i]), text=texts[rng.integers(len(texts))] + "\n",
-                    goal_px=np.clip(goal_px, 0, size - 1),  # for etc.ask_goal (the goal step); collate ignores it
+                    goal_px=np.clip(goal_px, 0, size - 1), goal_word=word,  # for etc.ask_goal (the goal step); collate ignores them
                     proprio=((a["proprio"][i] - self.p_mean) / self.p_std).astype(np.float32),
                     actions=((acts - self.a_mean) / self.a_std).astype(np.float32),
                     action_mask=np.arange(self.chunk) < self.chunk - pad,
@@ -334,14 +335,15 @@ def collate(samples: list[dict], tokenizer, image_ids: list[int]) -> dict:
     """Token ids, masks and tensors for samples of one kind (ETC or action): each sequence is
     what the tokenizer puts first itself (<bos> for ours and Llama's, nothing for SmolVLM's) +
     image_ids (the VLM's image tokens) + prompt (+ answer + eos), as SmolVLM's processor lays out
-    "<image>" + prompt; right-padded, labels -100 but on the answer and its eos:
+    "<image>" + prompt; the answer is encoded with a space in front, so that its first word or
+    number is the same token as anywhere in a prompt; right-padded, labels -100 but on the answer and its eos:
         ids    = [bos I I I q q q a a eos pad]
         labels = [ -   - - - - - - a a eos  - ]"""
     seqs, labs = [], []
     lead = tokenizer("")["input_ids"]
     for s in samples:
         prompt = lead + list(image_ids) + tokenizer(s["text"], add_special_tokens=False)["input_ids"]
-        answer = tokenizer(s["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] if "answer" in s else []
+        answer = tokenizer(" " + s["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] if "answer" in s else []
         seqs.append(prompt + answer)
         labs.append([-100] * len(prompt) + answer)
     L = max(map(len, seqs))

@@ -11,7 +11,7 @@ the object, its next move). A record is a JSON line pointing at a frame; never a
     {"task": "push", "frame": 40, "episode": 0, "step": 40, "level": "planning", "kind": "trajectory",
      "question": "predict the trajectory of: push the puck to the goal", "answer": "30 40, 30 38, ..."}
 
-The model reads "question: <q>\\nanswer: " after the image and learns the answer with the next-token
+The model reads "question: <q>\\nanswer:" after the image and learns the answer with the next-token
 loss; `scores` grades greedy answers per level. Stands on data.py and sim.py; nothing below imports it.
 """
 import json, math, re
@@ -65,6 +65,13 @@ def label_phases(hand: np.ndarray, grip: np.ndarray, obj: np.ndarray, contact: n
 # --- Questions and answers for one frame ------------------------------------------------------
 def pt(uv) -> str:
     return f"{int(uv[0])} {int(uv[1])}"  # the pixel that contains the point
+
+def named_pt(word: str | None, uv) -> str:
+    """A place the question asked for by a word (a colour): the word first, then the pixel, "blue 31 17".
+    The word costs one token and is copied from the question; the pixel is then read right after the
+    token that names it, where one attention step can fetch it (text recall: chance for 1,750 steps
+    with the bare "31 17" behind a question's filler words, 0.975 at 750 with the word restated; results/binding)."""
+    return pt(uv) if word is None else f"{word} {pt(uv)}"
 
 def inside(uv, size: int) -> bool:
     return bool(0 <= uv[0] < size and 0 <= uv[1] < size)
@@ -123,12 +130,12 @@ def for_frame(a: dict, i: int, frames: np.ndarray, task: str, nouns: list[str], 
         out.append(("scene", "point", "where is the goal?", pt(a["goal_px"][i])))
     if goal >= 0:  # coloured markers: each unique colour's place, the colour nearest the gripper, the goal
         names = [words[c] for c in a["marker_color"][i]]
-        out += [("scene", "marker", f"where is the {w} marker?", pt(uv))
+        out += [("scene", "marker", f"where is the {w} marker?", named_pt(w, uv))
                 for w, uv in zip(names, a["markers_px"][i]) if names.count(w) == 1 and inside(uv, size)]
         near = np.argmin(np.linalg.norm(a["markers"][i] - a["hand"][i], axis=1))
         out.append(("scene", "nearest", "what colour is the marker nearest the gripper?", names[near]))
         if inside(a["markers_px"][i, goal], size):
-            out.append(("task", "goal", goal_question(instruction), pt(a["markers_px"][i, goal])))
+            out.append(("task", "goal", goal_question(instruction), named_pt(names[goal], a["markers_px"][i, goal])))
         out.append(("planning", "relation", f"where is the gripper relative to the {names[goal]} marker?",
                     relation(a["hand"][i], a["markers"][i, goal], a["camera"][i])))
     out.append(("scene", "gripper", "is the gripper open or closed?", "open" if a["proprio"][i, 3] > 0.5 else "closed"))
@@ -228,7 +235,7 @@ def load(paths, levels=LEVELS, holdout: int = 10, image_size: int | None = None)
 
 # --- Prompts, samples and scores --------------------------------------------------------------
 def prompt(question: str) -> str:
-    return f"question: {question}\nanswer: "
+    return f"question: {question}\nanswer:"  # data.collate puts the space before the answer
 
 def goal_question(instruction: str) -> str:  # also what eval.py grounding asks the VLM on a layout's first frame
     return f"where is the goal of: {instruction}?"
@@ -237,10 +244,12 @@ def ask_goal(action_sample: dict, answer: str | None = None) -> dict:
     """The goal step (VLAConfig.goal_step, pi0.5's high-level step): the action prompt becomes the
     goal question of its instruction, answered by the goal's pixel (training: the true one, from
     data.ActionSamples' goal_px, as teacher forcing) or by the VLM's own answer (the policy):
-        text = "question: where is the goal of: reach the blue marker?\nanswer: ", answer = "31 17"
+        text = "question: where is the goal of: reach the blue marker?\nanswer:", answer = "blue 31 17"
     The expert reads question and answer; the VLM learns to write the answer (next-token loss)."""
-    s = {k: v for k, v in action_sample.items() if k != "goal_px"}
-    return s | dict(text=prompt(goal_question(s["text"].strip())), answer=pt(action_sample["goal_px"]) if answer is None else answer)
+    s = {k: v for k, v in action_sample.items() if k not in ("goal_px", "goal_word")}
+    if answer is None:
+        answer = named_pt(action_sample.get("goal_word"), action_sample["goal_px"])
+    return s | dict(text=prompt(goal_question(s["text"].strip())), answer=answer)
 
 class GoalSteps:
     """data.ActionSamples with the goal step (VLAConfig.goal_step) taken, for data.Batches."""
@@ -292,7 +301,7 @@ def scores(recs: list[dict], preds: list[str], tol: float = 4.0, by: str = "leve
     return out
 
 # The questions' and answers' words: with every instruction, the tiny tokenizer's corpus.
-WORDS = ("question: where is the gripper?\nanswer: ", "locate the goal", "is the gripper open or closed?",
+WORDS = ("question: where is the gripper?\nanswer:", "locate the goal", "is the gripper open or closed?",
          "what colour is the", "where should the gripper act to", "what is the next step to",
          "is the task done: yes no", "predict the trajectory of:", "where is the gripper relative to the",
          "left, right, aligned, above, below, level, in front, behind", "where does the gripper move next?",
@@ -300,11 +309,11 @@ WORDS = ("question: where is the gripper?\nanswer: ", "locate the goal", "is the
          "where is the blue marker?", "what colour is the marker nearest the gripper?", "where is the goal of:")
 
 def corpus() -> list[str]:
-    """Every text the policy reads or writes: instructions in every colour, ETC words, pixel
-    numbers. model.tiny_tokenizer learns its merges from it, so prompts stay short."""
+    """Every text the policy reads or writes: instructions in every colour, ETC words.
+    model.tiny_tokenizer learns its merges from it, so prompts stay short."""
     texts = [t for task in sim.TASKS for c in [None, *sim.PALETTE] for t in sim.instructions(task, c, "all")]
     texts += [t for task in sim.MARKER_TEXT for m in sim.PALETTE for t in sim.instructions(task, None, "all", marker=m)]
-    return texts + list(WORDS) + list(PHASES) + [f"{i} {j}, " for i in range(128) for j in range(0, 128, 7)]
+    return texts + list(WORDS) + list(PHASES)  # numbers: model.tiny_tokenizer makes each one token itself
 
 if __name__ == "__main__":
     data.cli(write, Etc)

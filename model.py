@@ -22,7 +22,7 @@ from typing import Literal
 import torch, torch.nn as nn, torch.nn.functional as F
 from safetensors.torch import load_model, save_file, save_model
 
-FORMAT = "bridgevla-vla-3"  # 3: the tokenizer adds its own <bos> (2: the VLM config and provenance in config.json)
+FORMAT = "bridgevla-vla-4"  # 4: numbers one token, N(0, 1) embeddings (3: the tokenizer adds <bos>; 2: the VLM config in config.json)
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing or does not fit this code; the message names the fix."""
@@ -46,12 +46,16 @@ class VLAConfig:
     bins: int = 256  # action-token bins over [-token_range, token_range] of normalised values
     token_range: float = 3.0
     steps: int = 10  # Euler steps when sampling; a distilled one-step student saves 1
+    embed_std: float = 1.0  # a VLM built from scratch: std of its token embeddings (transformers' own init: 0.02)
 
 # --- The VLM: tiny offline Idefics3, or any pretrained AutoModelForImageTextToText ------------
 def tiny_tokenizer(n_action_tokens: int, corpus: list[str], vocab_size: int = 1024, image_wrap: bool = False):
     """A byte-level BPE tokenizer trained offline with `tokenizers` (about a second) on the texts
     the policy reads and writes (etc.corpus()). Any text still encodes (all 256 bytes are in
     it); the merges make our prompts ~3x shorter, and sequence length is most of the step time.
+    Every word and every number 0-255 is one token, the same wherever it stands: the space is
+    put in front of the text too (add_prefix_space), so "31" opening an answer is the token
+    " 31" of a prompt, and the corpus writes each number often enough to be merged whole.
     It puts <bos> first itself, as Llama's does (data.collate keeps what the tokenizer adds).
     image_wrap: also SmolVLM's image wrapper tokens, for the real-size presets."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -59,9 +63,10 @@ def tiny_tokenizer(n_action_tokens: int, corpus: list[str], vocab_size: int = 10
     wrap = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] if image_wrap else []
     specials = ["<pad>", "<bos>", "<eos>", "<image>", *wrap] + [f"<act{i}>" for i in range(n_action_tokens)]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+    numbers = " ".join(map(str, range(256)))
+    tok.train_from_iterator([*corpus, *[numbers] * 20], trainers.BpeTrainer(
         vocab_size=vocab_size + len(specials), special_tokens=specials, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])  # specials first, in order
@@ -104,7 +109,11 @@ def build_vlm(cfg: VLAConfig, vlm_config: dict | None, tokenizer, corpus: list[s
         tokenizer = tiny_tokenizer(cfg.bins, corpus, image_wrap=cfg.vlm != "tiny")
         image_token = tokenizer.convert_tokens_to_ids("<image>")
         vc = tiny_vlm_config(len(tokenizer), image_token, cfg.image_size) if cfg.vlm == "tiny" else smolvlm_config(cfg.vlm, image_token)
-        return AutoModelForImageTextToText.from_config(AutoConfig.for_model(**vc)), tokenizer
+        vlm = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**vc))
+        # N(0, 1) as in PaLM: at transformers' 0.02 a token enters with norm ~0.3 against ~1 for what
+        # each layer adds, so its identity drowns and in-context recall waits for thousands of steps
+        nn.init.normal_(vlm.get_input_embeddings().weight, std=cfg.embed_std)
+        return vlm, tokenizer
     # a real checkpoint (e.g. HuggingFaceTB/SmolVLM-256M-Instruct) by path or hub id
     try:
         vlm = AutoModelForImageTextToText.from_pretrained(cfg.vlm)

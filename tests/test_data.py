@@ -94,7 +94,7 @@ def test_collate_masks_labels_to_the_answer(dataset, tokenizer):
         ids, lab, att = b["input_ids"][i].tolist(), b["labels"][i].tolist(), b["attention_mask"][i].tolist()
         n = sum(att)
         assert ids[0] == tokenizer.bos_token_id and ids[1:5] == image_ids
-        answer = tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = tokenizer(" " + r["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         kept = [t for t in lab if t != -100]
         assert kept == answer and lab[n - len(answer):n] == answer  # the answer, at the end
         assert all(t == -100 for t in lab[:n - len(answer)] + lab[n:])  # prompt and padding

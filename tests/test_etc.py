@@ -134,7 +134,7 @@ def test_marker_etc_is_exact_and_carries_a_novel_goal_word(tmp_path):
                 if np.allclose(w.objects(), ds.arrays["push"]["objects"][frames[0]]):
                     break
             assert np.allclose(w.markers, ds.arrays["push"]["markers"][frames[0]])
-            px = {word: " ".join(str(int(c)) for c in w.project(m)) for word, m in zip(w.marker_words, w.markers)}
+            px = {word: f"{word} {int(u)} {int(v)}" for word, (u, v) in zip(w.marker_words, w.project(w.markers))}  # the word restated
             mine = [r for r in recs if r["episode"] == ep]
             assert w.marker_words[0] == "teal"
             for r in mine:

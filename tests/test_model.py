@@ -307,3 +307,21 @@ def test_cached_padded_greedy_decoding_equals_a_plain_forward(vla):
         np.testing.assert_array_equal(logits[n - 1:n - 1 + 5].argmax(-1), new[i])
     acts = model.greedy(vla.vlm, b, 6, -1, 0, allowed=(vla.act0, vla.act0 + vla.cfg.bins))
     assert acts.min() >= vla.act0 and acts.max() < vla.act0 + vla.cfg.bins
+
+
+def test_the_tiny_tokenizer_writes_every_number_as_one_token_wherever_it_stands():
+    """A number opening an answer (collate puts a space before it) is the same single token as in a
+    prompt, and after a comma; a word too. Any text still encodes (bytes) and decodes back."""
+    tok = model.tiny_tokenizer(8, etc.corpus())
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    for n in range(256):
+        assert len(enc(f" {n}")) == 1 and enc(f" {n}") == enc(f"reach {n}")[1:] == enc(f"1, {n}")[2:], n
+    assert enc(" 61 45") == enc(" 61") + enc(" 45") and enc(" blue") == enc("the blue marker")[1:2]
+    assert tok.decode(enc("question: où est le 3e marqueur?\nanswer:")).strip() == "question: où est le 3e marqueur?\nanswer:"
+
+
+def test_a_vlm_built_from_scratch_has_unit_variance_token_embeddings():
+    torch.manual_seed(0)
+    for std in (1.0, 0.02):
+        e = model.VLA(model.VLAConfig(embed_std=std)).vlm.get_input_embeddings().weight
+        assert abs(e.std().item() / std - 1) < 0.02

@@ -202,4 +202,18 @@ def test_the_goal_step_writes_the_goal_pixel_and_the_policy_acts_on_its_own_answ
     image, proprio = ds.arrays["reach"]["images"][0], ds.arrays["reach"]["proprio"][0]
     chunk = scaffold.policy(vla)(np.asarray(image), "reach the goal", proprio)
     assert chunk.shape == (8, 4) and len(said) == 1
-    assert collated[-1][0]["text"] == "question: where is the goal of: reach the goal?\nanswer: " and collated[-1][0]["answer"] == said[0]
+    assert collated[-1][0]["text"] == "question: where is the goal of: reach the goal?\nanswer:" and collated[-1][0]["answer"] == said[0]
+
+
+def test_the_vision_tower_trains_at_its_own_fraction_of_the_learning_rate():
+    torch.manual_seed(0)
+    vla = model.VLA(model.VLAConfig())
+    groups = scaffold.param_groups(vla, 0.1, skip="expert.")
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    scaffold.set_lr(opt, 2e-3)
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(2e-4), 2e-3]
+    vision = {id(p) for p in vla.vlm.model.vision_model.parameters()}
+    assert {id(p) for p in groups[0]["params"]} == vision
+    names = {id(p): n for n, p in vla.named_parameters()}
+    assert not any(names[id(p)].startswith("expert.") for g in groups for p in g["params"])
+    assert sum(len(g["params"]) for g in groups) == sum(1 for n, _ in vla.named_parameters() if not n.startswith("expert."))
