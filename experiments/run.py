@@ -3,6 +3,7 @@
     python experiments/run.py table1                # the ETC paper's Table 1 analogue, 3 training seeds
     python experiments/run.py sdm --seeds 0         # one training seed
     python experiments/run.py ood --dry-run         # print the commands, run nothing
+    python experiments/run.py binding --seeds 0     # the binding benchmark's curves (experiments/binding.py)
     python eval.py report --readme README.md        # every table, with 95% intervals and verdicts
 
 A table is a set of cells, each evaluating one training run (a script, its arguments, the run
@@ -102,12 +103,20 @@ TABLES = {
                   ("~", "sdm", "teacher10", "amb", 0.05, "SDM within the teacher's range"),
                   (">", "sdm", "cd", "amb", 0, "SDM above CD"))),
 }
+# The binding benchmark (experiments/binding.py): learning curves of fresh VLMs, no datasets but the
+# world probe's. cell -> its flags: the defaults, and the ablations that show what each default buys.
+BINDING = dict(
+    text=("--probe", "text"),  # places listed in the prompt, a blank image
+    text_hf_init=("--probe", "text", "--embed-std", "0.02"),  # transformers' own embedding initialisation
+    discs=("--probe", "discs", "--mix"),  # K flat discs, trained on 1 to K per image
+    world=("--probe", "world"),  # the grounded world's marker questions (data/scenes)
+)
 PARENT_FLAG = {"train_vla.py": "--init", "distill_sdm.py": "--teacher"}
 DONE: set[Path] = set()  # runs trained in this sitting
 
 @dataclass
 class Config:
-    table: tyro.conf.Positional[Literal[tuple(TABLES)]]  # which table to build
+    table: tyro.conf.Positional[Literal[(*TABLES, "binding")]]  # which table to build, or the binding curves
     seeds: tuple[int, ...] = (0, 1, 2)  # training seeds
     eval_seeds: tuple[int, ...] = (0, 1)  # evaluation seeds: the same fixed layouts for every cell
     episodes: int = 10  # layouts per task and evaluation seed
@@ -193,8 +202,23 @@ def evaluate(cfg: Config, cell: str, seed: int, ev: str):
     partial.unlink()
     (results / f"{name}.partial.md").unlink(missing_ok=True)  # the table is built from the JSON
 
+def binding(cfg: Config):
+    """results/binding/<cell>.s<seed>.json for every cell and training seed, skipped when it exists."""
+    unknown = set(cfg.cells) - set(BINDING)
+    if unknown:
+        sys.exit(f"error: no cell {sorted(unknown)} in binding; its cells are {list(BINDING)}")
+    for seed in cfg.seeds:
+        for cell in cfg.cells or BINDING:
+            out = Path("results") / "binding" / f"{cell}.s{seed}.json"
+            if not out.exists():
+                steps = ["--steps", str(cfg.steps)] if cfg.steps else []
+                call([sys.executable, str(ROOT / "experiments" / "binding.py"), *BINDING[cell], *steps, "--seed", str(seed),
+                      "--threads", "2", "--out", str(out)], cfg)
+
 def main(cfg: Config):
     os.chdir(cfg.root)
+    if cfg.table == "binding":
+        return binding(cfg)
     spec, t0 = TABLES[cfg.table], time.time()
     unknown = set(cfg.cells) - set(spec["cells"])
     if unknown:

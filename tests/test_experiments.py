@@ -101,3 +101,39 @@ def test_the_world_stamp_moves_with_the_data_and_its_etc_records(tmp_path, monke
     after = R.world_id()
     (tmp_path / "data" / "target" / "meta.json").write_text('{"expert": "new"}')  # new episodes
     assert len({before, after, R.world_id()}) == 3
+
+
+@pytest.mark.parametrize("probe", ["text", "discs", "world"])
+def test_the_binding_benchmark_writes_a_curve_for_each_probe(world, tmp_path, probe):
+    """A miniature of each probe: two steps, one evaluation on held-out samples, the curve on disk."""
+    out = tmp_path / f"{probe}.json"
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "binding.py"), "--probe", probe, "--steps", "2", "--batch", "4",
+                    "--held", "6", "--data", str(world / "data" / "scenes"), "--holdout", "2", "--out", str(out)],
+                   check=True, capture_output=True, text=True)
+    r = json.loads(out.read_text())
+    assert r["probe"] == probe and r["config"]["steps"] == 2 and len(r["curve"]) == 1
+    point = r["curve"][0]
+    assert point["step"] == 2 and point["chance"] == pytest.approx(1 / 3) and 0 <= point["named"] <= 1 and point["loss"] > 0
+
+
+def test_the_binding_plan_skips_curves_already_written(world):
+    def plan():
+        out = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "binding", "--root", str(world), "--seeds", "0",
+                              "--dry-run"], check=True, capture_output=True, text=True).stdout
+        return [line.split("--out ")[1] for line in out.splitlines() if "binding.py" in line]
+    assert plan() == ["results/binding/text.s0.json", "results/binding/text_hf_init.s0.json", "results/binding/discs.s0.json",
+                      "results/binding/world.s0.json"]
+    (world / "results" / "binding").mkdir(parents=True)
+    (world / "results" / "binding" / "discs.s0.json").write_text("{}")
+    assert "results/binding/discs.s0.json" not in plan()
+
+
+def test_binding_scores_an_answer_by_its_nearest_place():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("binding", ROOT / "experiments" / "binding.py")
+    B = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(B)
+    places = np.array([[10, 10], [40, 40], [10, 50]])
+    held = [({}, places, 1)] * 4
+    # the asked place exactly; 5 px off it (named, not within 4 px); nearest another place; no point at all
+    assert B.score(["40 40", "43 44", "12 12", "yes"], held) == (0.5, 0.25)
