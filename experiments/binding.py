@@ -93,7 +93,7 @@ class World:
     def sample(self, item: tuple) -> tuple[dict, np.ndarray, int]:
         ds, r = item
         places = np.asarray(ds.arrays[r["task"]]["markers_px"][r["frame"]])  # (K, 2)
-        asked = np.array([float(x) for x in r["answer"].split()])
+        asked = np.array([float(x) for x in re.findall(r"\d+", r["answer"])])  # "blue 31 17" -> (31, 17)
         return etc.sample(ds, r), places, int(np.linalg.norm(places - asked, axis=1).argmin())
 
 
