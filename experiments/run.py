@@ -110,6 +110,7 @@ BINDING = dict(
     text_hf_init=("--probe", "text", "--embed-std", "0.02"),  # transformers' own embedding initialisation
     discs=("--probe", "discs", "--mix"),  # K flat discs, trained on 1 to K per image
     world=("--probe", "world"),  # the grounded world's marker questions (data/scenes)
+    world_vision_lr1=("--probe", "world", "--vision-lr", "1"),  # the vision tower at the language model's rate
 )
 PARENT_FLAG = {"train_vla.py": "--init", "distill_sdm.py": "--teacher"}
 DONE: set[Path] = set()  # runs trained in this sitting
