@@ -24,6 +24,13 @@ ARRAYS = ("images", "proprio", "episode", "step", "hand", "objects", "goal", "ha
 class DataError(ValueError):
     """Bad input the user can fix; the CLIs print it as one line and exit non-zero."""
 
+def check_positive(**counts: int):
+    """Stop before any work on a count that leaves nothing to do (--episodes 0, --batch 0, --steps -1),
+    which would otherwise fail late and obscurely, or "succeed" with an empty result."""
+    for name, n in counts.items():
+        if n < 1:
+            raise DataError(f"--{name.replace('_', '-')} {n}: use 1 or more")
+
 # --- Collection -------------------------------------------------------------------------------
 @dataclass
 class Collect:
@@ -138,6 +145,10 @@ def normalisation_stats(x: np.ndarray) -> dict:
 def collect(cfg: Collect) -> Path:
     """Collect, then write the dataset atomically: a temporary folder renamed into place."""
     tasks = [sim.check_task(t) for t in cfg.tasks]
+    check_positive(episodes=cfg.episodes, workers=cfg.workers, max_steps=cfg.max_steps)
+    if cfg.image_size < 16 or cfg.image_size % 16:  # the data's size is the tiny VLM's (model.VLAConfig.image_size)
+        raise DataError(f"--image-size {cfg.image_size}: use a multiple of 16 (the tiny VLM cuts 8 px patches and "
+                        "merges 2 x 2 of them into one image token); 64 is the default")
     color = cfg.variation.color_word()  # validates the colours before any work
     for c in filter(None, [cfg.variation.table_color, *cfg.variation.all_marker_colors()]):
         sim.parse_color(c)

@@ -198,6 +198,7 @@ def main(cfg: Config):
     for k, v in METHODS[cfg.method].items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
+    data.check_positive(steps=cfg.steps, batch=cfg.batch)
     proc, out = scaffold.start(cfg.device), Path(cfg.out)
     device = proc.device
     scaffold.check_out(out, cfg.resume, cfg.overwrite)

@@ -196,6 +196,7 @@ def check_kinds(kinds, flag: str) -> None:
 
 def write(cfg: Etc) -> Path:
     check_kinds(cfg.kinds, "--kinds")
+    data.check_positive(every=cfg.every)
     ds = data.Dataset(cfg.data)
     recs = [r for r in records(ds, cfg.every, cfg.paraphrases, cfg.seed) if not cfg.kinds or r["kind"] in cfg.kinds]
     out, tmp = ds.path / "etc.jsonl", ds.path / ".etc.jsonl.tmp"
@@ -216,6 +217,8 @@ def read(path: str | Path) -> list[dict]:
         except (json.JSONDecodeError, AssertionError):
             raise data.DataError(f"{path}:{n} is not an ETC record; regenerate it with `python etc.py --data {path.parent}`") from None
         recs.append(r)
+    if not recs:
+        raise data.DataError(f"{path} holds no ETC records; regenerate it with `python etc.py --data {path.parent}`")
     return recs
 
 def held_out(rec: dict, every: int) -> bool:

@@ -150,6 +150,7 @@ def write_gif(path: Path, frames: list[np.ndarray], scale: int = 3):
     images[0].save(path, save_all=True, append_images=images[1:], duration=50, loop=0)
 
 def success(cfg: Success) -> dict:
+    data.check_positive(episodes=cfg.episodes, max_steps=cfg.max_steps, workers=cfg.workers, execute=cfg.execute)
     for c in cfg.object_colors + cfg.table_colors + (cfg.goal_colors or ()):
         sim.parse_color(c)  # an unknown colour or task stops here, with the list of valid ones
     ds = data.Dataset(cfg.data)
@@ -189,6 +190,7 @@ def success(cfg: Success) -> dict:
     return result
 
 def grounding(cfg: Grounding) -> dict:
+    data.check_positive(layouts=cfg.layouts, draws=cfg.draws)
     vla, ds = model.load(cfg.ckpt), data.Dataset(cfg.data)
     scaffold.require_trained_head(cfg.ckpt, "probe a policy trained on actions (`python train_vla.py --stage 2`)")
     variation = sim.Variation(**{**ds.meta["variation"], **({} if cfg.goal_colors is None else dict(goal_colors=cfg.goal_colors))})
@@ -230,6 +232,7 @@ def pulled(rows: list[dict], novel: set[str]) -> float | None:
 
 # --- ETC accuracy and representation drift ----------------------------------------------------
 def etc_accuracy(cfg: EtcAccuracy) -> dict:
+    data.check_positive(limit=cfg.limit)
     vla = model.load(cfg.ckpt)
     recs = [item for h in etc.load(cfg.data, holdout=cfg.holdout, image_size=vla.cfg.image_size)[1] for item in h]
     if not recs:

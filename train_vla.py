@@ -107,6 +107,7 @@ def build(cfg: Config, ds: data.Dataset) -> model.VLA:
 
 def main(cfg: Config):
     cfg = resolve(cfg)
+    data.check_positive(steps=cfg.steps, batch=cfg.batch)
     etc.check_kinds(cfg.kind_weights, "--kind-weights")
     proc, out = scaffold.start(cfg.device), Path(cfg.out)
     scaffold.check_out(out, cfg.resume, cfg.overwrite, cfg.batch, proc.world_size)

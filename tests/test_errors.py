@@ -20,7 +20,7 @@ import train_etc
 import train_vla
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = {"etc.py": (etc.write, etc.Etc), "train_etc.py": (train_etc.main, train_etc.Config),
+CLI = {"data.py": (data.collect, {"collect": data.Collect}), "etc.py": (etc.write, etc.Etc), "train_etc.py": (train_etc.main, train_etc.Config),
        "train_vla.py": (train_vla.main, train_vla.Config), "distill_sdm.py": (distill_sdm.main, distill_sdm.Config),
        "eval.py": (lambda cmd: ev.RUN[type(cmd)](cmd), ev.COMMANDS)}
 
@@ -47,6 +47,8 @@ def world(etc_path, tmp_path_factory):
     (root / "nometa").mkdir()
     (root / "nometa" / "meta.json").write_text("{not json")
     shutil.copytree(root / "ds", root / "noetc", ignore=shutil.ignore_patterns("etc.jsonl"))
+    shutil.copytree(root / "noetc", root / "emptyetc")
+    (root / "emptyetc" / "etc.jsonl").write_text("")
     (root / "README.md").write_text("no generated section here\n")
     return root
 
@@ -65,6 +67,15 @@ DAMAGE = {
 }
 
 CASES = [  # (script, arguments with {w} for the folder, what the one line must say)
+    ("data.py", "collect --tasks reach --episodes 0 --out {w}/new", "--episodes 0: use 1 or more"),
+    ("data.py", "collect --tasks reach --episodes -3 --out {w}/new", "--episodes -3: use 1 or more"),
+    ("data.py", "collect --tasks reach --workers 0 --out {w}/new", "--workers 0: use 1 or more"),
+    ("data.py", "collect --tasks reach --image-size 7 --out {w}/new", "--image-size 7: use a multiple of 16"),
+    ("data.py", "collect --tasks reach --image-size 72 --out {w}/new", "--image-size 72: use a multiple of 16"),
+    ("etc.py", "--data {w}/ds --every 0", "--every 0: use 1 or more"),
+    ("train_etc.py", "--etc-data {w}/ds --steps 2 --batch 0 --out {w}/new", "--batch 0: use 1 or more"),
+    ("train_etc.py", "--etc-data {w}/ds --steps -1 --out {w}/new", "--steps -1: use 1 or more"),
+    ("train_etc.py", "--etc-data {w}/emptyetc --out {w}/new", "{w}/emptyetc/etc.jsonl holds no ETC records; regenerate it"),
     ("etc.py", "--data {w}/missing", "no dataset at {w}/missing: run `python data.py collect"),
     ("etc.py", "--data {w}/nometa", "meta.json is corrupt"),
     ("train_etc.py", "--etc-data {w}/noetc --out {w}/new", "no ETC records at {w}/noetc/etc.jsonl: run `python etc.py --data {w}/noetc`"),
@@ -83,7 +94,12 @@ CASES = [  # (script, arguments with {w} for the folder, what the one line must 
      "--goal-step is for the flow head"),
     ("train_vla.py", "--stage 2 --init {w}/stage1 --action-data {w}/ds --etc-data {w}/ds --out {w}/badstate --resume",
      "{w}/badstate/train_state.pt cannot be resumed from"),
+    ("train_vla.py", "--stage 2 --init {w}/stage1 --action-data {w}/ds --etc-data {w}/ds --batch 0 --out {w}/new",
+     "--batch 0: use 1 or more"),
     ("eval.py", "success --ckpt {w}/stage1 --data {w}/ds", "{w}/stage1's action expert was never trained"),
+    ("eval.py", "success --ckpt {w}/stage2 --data {w}/ds --episodes 0", "--episodes 0: use 1 or more"),
+    ("eval.py", "grounding --ckpt {w}/stage2 --data {w}/ds --layouts 0", "--layouts 0: use 1 or more"),
+    ("eval.py", "etc --ckpt {w}/stage2 --data {w}/ds --limit 0", "--limit 0: use 1 or more"),
     ("eval.py", "success --ckpt {w}/stage2 --data {w}/ds --object-colors bleu", "unknown colour 'bleu'"),
     ("eval.py", "etc --ckpt {w}/truncated --data {w}/ds", "{w}/truncated/model.safetensors is truncated or corrupt"),
     ("eval.py", "etc --ckpt {w}/noconfig --data {w}/ds", "no checkpoint at {w}/noconfig"),
@@ -94,6 +110,7 @@ CASES = [  # (script, arguments with {w} for the folder, what the one line must 
     ("distill_sdm.py", "--teacher {w}/stage1 --data {w}/ds --out {w}/new", "{w}/stage1's action expert was never trained"),
     ("distill_sdm.py", "--teacher {w}/tokens --data {w}/ds --out {w}/new", "distillation needs a flow-head teacher"),
     ("distill_sdm.py", "--teacher {w}/stage2 --data {w}/ds --out {w}/stage1", "{w}/stage1 exists"),
+    ("distill_sdm.py", "--teacher {w}/stage2 --data {w}/ds --steps 0 --out {w}/new", "--steps 0: use 1 or more"),
 ]
 
 
