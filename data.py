@@ -129,10 +129,11 @@ def collect_task_episodes(cfg: Collect, imap, task: str, bar) -> tuple[list[dict
         ks = range(k, k + need + max(2, need // 10))  # a few spares: experts fail ~2%
         jobs = [episode_job(cfg, task, i) for i in ks]
         for i, ep in zip(ks, imap(run_episode, jobs)):
-            bar.update(1)
             wins += ep is not None
             if ep is not None and len(found) < want:
                 found[i] = ep
+                bar.update(1)
+            bar.set_postfix(task=task, attempts=i + 1)
         k = ks.stop
     return [found[i] for i in sorted(found)], k, wins
 
@@ -169,9 +170,8 @@ def collect(cfg: Collect) -> Path:
     # spawned workers: fresh processes, no OpenGL state inherited through fork
     pool = mp.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else None
     try:
-        with tqdm(desc="episodes", unit="ep") as bar:
+        with tqdm(total=sum(cfg.episodes * goals_per_layout(cfg, t) for t in tasks), desc="episodes", unit="ep") as bar:
             for task in tasks:
-                bar.set_postfix(task=task)
                 eps, attempts, wins = collect_task_episodes(cfg, pool.imap if pool else map, task, bar)
                 arrays = {k: np.concatenate([e[k] for e in eps]) for k in eps[0]}
                 arrays["episode"] = np.concatenate([np.full(len(e["images"]), i) for i, e in enumerate(eps)])

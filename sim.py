@@ -4,7 +4,7 @@ A `World` wraps one task: seeded layouts, frames from a free (and the wrist) cam
 the scripted expert, flat recolouring, coloured goal markers. Each task has a template, 2 paraphrases
 and a held-out one. xyz in metres (x right of the robot, y away, z up); pixels (u, v), u right, v down.
 """
-import ctypes.util, os, re
+import ctypes.util, os, re, warnings
 from dataclasses import dataclass
 
 # MuJoCo picks its OpenGL backend on import: EGL (fast, headless), else OSMesa; MUJOCO_GL wins.
@@ -18,6 +18,10 @@ if "MUJOCO_GL" not in os.environ:
 import mujoco, numpy as np  # noqa: E402
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS  # noqa: E402
 from metaworld.policies import ENV_POLICY_MAP  # noqa: E402
+
+# Known and harmless: Meta-World's experts warn at steps where their gains ask for more than the
+# action range, which the environment clips.
+warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high\. Environments clip response")
 
 GL_HELP = ("headless OpenGL failed (MUJOCO_GL={gl}). Install the system libraries: "
            "`apt-get update && apt-get install -y libegl1 libgl1-mesa-dri` (EGL), or "
@@ -202,7 +206,7 @@ class World:
         env._partially_observable = False  # goal-observable, and a fresh layout at every reset (below)
         if variation.markers and self.task in MARKER_TEXT:  # the observation clips the goal to this box
             (x0, y0), (x1, y1), g = *MARKER_REGION, env.goal_space
-            env.goal_space = type(g)(np.minimum(g.low, (x0, y0, g.low[2])), np.maximum(g.high, (x1, y1, g.high[2])))
+            env.goal_space = type(g)(np.minimum(g.low, (x0, y0, g.low[2])), np.maximum(g.high, (x1, y1, g.high[2])), dtype=g.dtype)
         del env.sawyer_observation_space
         env._set_task_called, env._freeze_rand_vec, env.seeded_rand_vec = True, False, True
         self.env, self.model, self.data = env, env.model, env.data
