@@ -94,4 +94,4 @@ have out/eval/cka_stage1_stage2_action_only.json || run python eval.py cka --a o
 have out/bench.md || run python bench.py
 
 # 7. The results tables (the README's results section is this, via --readme README.md).
-python eval.py report
+python report.py

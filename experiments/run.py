@@ -4,7 +4,7 @@
     python experiments/run.py sdm --seeds 0         # one training seed
     python experiments/run.py ood --dry-run         # print the commands, run nothing
     python experiments/run.py binding --seeds 0     # the binding benchmark's curves (experiments/binding.py)
-    python eval.py report --readme README.md        # every table, with 95% intervals and verdicts
+    python report.py --readme README.md             # every table, with 95% intervals and verdicts
 
 A table is a set of cells, each evaluating one training run (a script, its arguments, the run
 it starts from: RUNS). The runs are shared by every cell and every table that needs them, so
@@ -235,7 +235,7 @@ def main(cfg: Config):
     path = results / "table.json"
     before = json.loads(path.read_text()).get("wall_s", 0) if path.exists() else 0  # earlier sittings
 
-    def save():  # the table's layout for `eval.py report`, and its wall-clock over every sitting
+    def save():  # the table's layout for report.py, and its wall-clock over every sitting
         if not cfg.dry_run:
             results.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(dict(table, wall_s=before + time.time() - t0, config=asdict(cfg)), indent=1))

@@ -15,6 +15,7 @@ import data
 import distill_sdm
 import etc
 import eval as ev
+import report
 import model
 import train_etc
 import train_vla
@@ -22,7 +23,8 @@ import train_vla
 ROOT = Path(__file__).resolve().parents[1]
 CLI = {"data.py": (data.collect, {"collect": data.Collect}), "etc.py": (etc.write, etc.Etc), "train_etc.py": (train_etc.main, train_etc.Config),
        "train_vla.py": (train_vla.main, train_vla.Config), "distill_sdm.py": (distill_sdm.main, distill_sdm.Config),
-       "eval.py": (lambda cmd: ev.RUN[type(cmd)](cmd), ev.COMMANDS)}
+       "eval.py": (lambda cmd: ev.RUN[type(cmd)](cmd), ev.COMMANDS),
+       "report.py": (report.report, report.Report)}
 
 
 def snapshot(root: Path) -> dict:
@@ -106,7 +108,7 @@ CASES = [  # (script, arguments with {w} for the folder, what the one line must 
     ("eval.py", "etc --ckpt {w}/oldformat --data {w}/ds", "written by another version of bridgevla (format 'bridgevla-vla-1'"),
     ("eval.py", "etc --ckpt {w}/badjson --data {w}/ds", "config.json is corrupt"),
     ("eval.py", "etc --ckpt {w}/notokenizer --data {w}/ds", "{w}/notokenizer has no tokenizer.json"),
-    ("eval.py", "report --results {w}/none --readme {w}/README.md", "has no generated section"),
+    ("report.py", "--results {w}/none --readme {w}/README.md", "has no generated section"),
     ("distill_sdm.py", "--teacher {w}/stage1 --data {w}/ds --out {w}/new", "{w}/stage1's action expert was never trained"),
     ("distill_sdm.py", "--teacher {w}/tokens --data {w}/ds --out {w}/new", "distillation needs a flow-head teacher"),
     ("distill_sdm.py", "--teacher {w}/stage2 --data {w}/ds --out {w}/stage1", "{w}/stage1 exists"),

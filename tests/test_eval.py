@@ -8,6 +8,7 @@ import torch
 import data
 import eval as ev
 import model
+import report
 import scaffold
 
 
@@ -54,10 +55,10 @@ def test_rollouts_accept_any_colour_and_instruction_and_write_results(dataset_pa
     scores = ev.etc_accuracy(ev.EtcAccuracy(ckpt=str(tmp_path / "policy"), data=(str(etc_path),), holdout=2, limit=12, out=str(tmp_path / "eval")))
     assert scores["records"] == 12 and set(scores["scores"]) <= {"scene", "task", "planning"}
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{ev.MARK[0]}\nthe previous results\n{ev.MARK[1]}\noutro\n")
-    ev.report(ev.Report(results=str(tmp_path / "eval"), bench=str(tmp_path / "none.md"), readme=str(readme)))
+    readme.write_text(f"intro\n{report.MARK[0]}\nthe previous results\n{report.MARK[1]}\noutro\n")
+    report.report(report.Report(results=str(tmp_path / "eval"), bench=str(tmp_path / "none.md"), readme=str(readme)))
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith(f"{ev.MARK[1]}\noutro\n") and "the previous results" not in text
+    assert text.startswith("intro\n") and text.endswith(f"{report.MARK[1]}\noutro\n") and "the previous results" not in text
     assert "| run | " in text and "| scene | task | planning |" in text and "`eval.py`" in text  # success, ETC, file map
 
 
@@ -157,7 +158,7 @@ def test_grounding_command_writes_rates_per_task_and_word_the_report_shows_them_
     assert len(rows) == 9 and all(len(r["nearest"]) == 2 for r in rows) and s["chance"] == 1 / 3
     assert s["novel"] == np.mean([r["hit"] for r in rows if r["word"] == "teal"]) == s["named_by_word"]["teal"]
     assert json.loads((tmp_path / "eval" / "grounding_policy.json").read_text())["summary"] == result["summary"]
-    md = ev.report_markdown(ev.Report(results=cfg.out, bench=str(tmp_path / "none.md"), tables=str(tmp_path / "none")))
+    md = report.report_markdown(report.Report(results=cfg.out, bench=str(tmp_path / "none.md"), tables=str(tmp_path / "none")))
     line = next(ln for ln in md.splitlines() if ln.startswith("**Grounding probe**"))  # the report shows the rates
     assert f"reach {s['named']:.2f} [" in line and f"(novel words {s['novel']:.2f} [" in line and "chance 0.33" in line
     assert s["vlm_named"] == np.mean([r["vlm_hit"] for r in rows]) and f"at the named marker {s['vlm_named']:.2f} [" in line
@@ -173,7 +174,7 @@ def test_bad_input_stops_clearly(dataset_path, tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="marker"):
-        ev.report(ev.Report(results=str(tmp_path), readme=str(readme)))
+        report.report(report.Report(results=str(tmp_path), readme=str(readme)))
     assert readme.read_text() == "no markers\n"
 
 

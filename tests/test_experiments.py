@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import eval as E
+import report as E
 
 ROOT = Path(__file__).resolve().parents[1]
 
