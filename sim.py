@@ -196,6 +196,120 @@ def jitter_camera(cam: Camera, degrees: float, rng: np.random.Generator) -> Came
     return Camera(tuple(np.asarray(cam.lookat) + shift), cam.distance,
                   cam.azimuth + da, cam.elevation + de, cam.fovy)
 
+# --- The scene's bodies and geoms, and flat recolouring -----------------------------------------
+def subtree(m: mujoco.MjModel, root: int) -> list[int]:
+    """Body `root` and all bodies below it."""
+    def ancestor(b):  # b's first ancestor that is root or the world
+        while b > 0 and b != root:
+            b = m.body_parentid[b]
+        return b
+    return [b for b in range(m.nbody) if ancestor(b) == root]
+
+def visible_geoms(m: mujoco.MjModel, root: int) -> np.ndarray:
+    """Visible geoms (groups 0-2, not transparent) of body `root` and its children."""
+    bodies = subtree(m, root)
+    return np.array([g for g in range(m.ngeom) if m.geom_group[g] < 3
+                     and m.geom_rgba[g, 3] > 0 and m.geom_bodyid[g] in bodies], dtype=int)
+
+def geoms_near(m: mujoco.MjModel, d: mujoco.MjData, point: np.ndarray) -> np.ndarray:
+    """The object at `point`: the body of the nearest visible geom, with its children."""
+    world = visible_geoms(m, 0)
+    nearest = min(world[m.geom_bodyid[world] > 0], key=lambda g: np.linalg.norm(d.geom_xpos[g] - point))
+    return visible_geoms(m, m.geom_bodyid[nearest])
+
+def recolour(m: mujoco.MjModel, object_geoms: np.ndarray, var: Variation):
+    """Flat colours: geom_rgba with the material unset (a material would tint it)."""
+    if var.object_color:
+        m.geom_rgba[object_geoms, :3], m.geom_matid[object_geoms] = parse_color(var.object_color)[1], -1
+    if var.table_color:
+        ids = [g for g in range(m.ngeom) if m.geom_bodyid[g] == m.body("tablelink").id]
+        m.geom_rgba[ids, :3], m.geom_matid[ids] = parse_color(var.table_color)[1], -1
+
+def grip_contact(m: mujoco.MjModel, d: mujoco.MjData, object_bodies: set, hand_bodies: set) -> int:
+    """Gripper-object contact from MuJoCo: 0 none, 1 touching, 2 both finger pads on it."""
+    touched = set()
+    for a, b in zip(d.contact.geom1, d.contact.geom2):
+        a, b = m.geom_bodyid[a], m.geom_bodyid[b]
+        if b in object_bodies:
+            a, b = b, a
+        if a in object_bodies and b in hand_bodies:
+            touched.add(m.body(b).name)
+    return 2 if {"leftpad", "rightpad"} <= touched else int(bool(touched))
+
+# --- Rendering ---------------------------------------------------------------------------------
+def geom_box(m: mujoco.MjModel, d: mujoco.MjData, geoms: np.ndarray, cam: Camera, size: int) -> np.ndarray:
+    """Pixel box [u1, v1, u2, v2] of some geoms: their bounding-box corners projected."""
+    corners, signs = [], np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)])
+    for g in geoms:
+        local = m.geom_aabb[g, :3] + m.geom_aabb[g, 3:] * signs  # (8, 3) in the geom frame
+        corners.append(d.geom_xpos[g] + local @ d.geom_xmat[g].reshape(3, 3).T)
+    uv = project(np.concatenate(corners), cam, size, size)
+    return np.concatenate([uv.min(0), uv.max(0)]).clip(0, size)
+
+class Renderer(mujoco.Renderer):
+    """MuJoCo's offscreen renderer made fast for small frames: the buffer at image size, no multisampling,
+    shadows, reflections or skybox (19 -> ~190 frames/s at 64 px, 10-15x gym's render()), every site
+    hidden; the scene seen from a free camera with coloured spheres drawn in (the goal markers)."""
+    def __init__(self, model: mujoco.MjModel, size: int, fovy: float):
+        vis = model.vis
+        vis.global_.offwidth = vis.global_.offheight = size
+        vis.quality.offsamples, vis.global_.fovy = 0, fovy
+        try:
+            super().__init__(model, size, size)
+        except Exception as err:  # the GL libraries are missing or broken
+            raise RuntimeError(GL_HELP.format(gl=os.environ.get("MUJOCO_GL"), err=err)) from err
+        for flag in ("mjRND_SHADOW", "mjRND_REFLECTION", "mjRND_SKYBOX"):
+            self.scene.flags[getattr(mujoco.mjtRndFlag, flag)] = 0
+        self.option = mujoco.MjvOption()
+        self.option.sitegroup[:] = 0  # hide every site; markers are drawn by us
+        self.free_cam = mujoco.MjvCamera()
+        self.free_cam.type = mujoco.mjtCamera.mjCAMERA_FREE
+
+    def view(self, d: mujoco.MjData, cam: "Camera | str", spheres: list = ()) -> np.ndarray:
+        """(H, W, 3) uint8 from a free camera (or a named one) with (xyz, rgba) spheres drawn in."""
+        if isinstance(cam, str):
+            self.update_scene(d, cam, self.option)
+        else:
+            fc = self.free_cam
+            fc.lookat[:], fc.distance, fc.azimuth, fc.elevation = cam.lookat, cam.distance, cam.azimuth, cam.elevation
+            self.update_scene(d, fc, self.option)
+        for xyz, rgba in spheres:
+            self.draw_sphere(xyz, rgba)
+        return self.render()
+
+    def draw_sphere(self, xyz: np.ndarray, rgba: tuple, radius: float = MARKER_RADIUS):
+        """Append a sphere to the scene: visible in the image, invisible to the physics."""
+        scene = self.scene
+        if scene.ngeom < scene.maxgeom:
+            mujoco.mjv_initGeom(scene.geoms[scene.ngeom], mujoco.mjtGeom.mjGEOM_SPHERE, np.array([radius, 0, 0]),
+                                np.asarray(xyz, float), np.eye(3).ravel(), np.array(rgba, dtype=np.float32))
+            scene.ngeom += 1
+
+# --- The grounded goal markers --------------------------------------------------------------------
+def place_markers(var: Variation, rng: np.random.Generator, z: float, goal_index: int | None = None
+                  ) -> tuple[np.ndarray, list[str], int]:
+    """K markers (K, 3) at height z, MARKER_GAP apart in MARKER_REGION, distinct colours, the first the
+    goal's (ambiguous: the second has its colour and the goal is either, 50/50); their colours; the
+    goal's index (goal_index: the same layout with another marker named)."""
+    (low, high), k = MARKER_REGION, var.markers
+    if not 2 <= k <= len(var.marker_colors) + bool(var.goal_colors):
+        raise ValueError(f"--variation.markers {k}: use 2 to {len(var.marker_colors)} (the marker colours given)")
+    for _ in range(1000):
+        xy = rng.uniform(low, high, (k, 2))
+        if min(np.linalg.norm(a - b) for i, a in enumerate(xy) for b in xy[i + 1:]) >= MARKER_GAP:
+            break
+    else:
+        raise ValueError(f"{k} markers do not fit {MARKER_GAP} m apart in {MARKER_REGION}; use fewer")
+    goal = (var.goal_colors or var.marker_colors)[rng.integers(len(var.goal_colors or var.marker_colors))]
+    others = [c for c in var.marker_colors if c != goal]
+    ambiguous = rng.random() < var.ambiguous
+    colors = [goal] + [goal] * ambiguous + list(map(str, rng.choice(others, k - 1 - ambiguous, replace=False)))
+    named = int(rng.integers(2)) if ambiguous else 0
+    if goal_index is not None and not (ambiguous and goal_index < 2):  # a twin named: the 50/50 pick stands
+        named = goal_index % k  # the same markers, another one named
+    return np.column_stack([xy, np.full(k, z)]), colors, named
+
+# --- The world ------------------------------------------------------------------------------------
 class World:
     """One Meta-World v3 task with a fast renderer. Not thread-safe; one per process."""
     def __init__(self, task: str, image_size: int = 64, variation: Variation = Variation(),
@@ -212,57 +326,12 @@ class World:
         self.env, self.model, self.data = env, env.model, env.data
         self.expert = ENV_POLICY_MAP[f"{self.task}-v3"]()
         self.seed(0)  # a first layout, so the object geoms can be found
-        self.object_geoms = [self._geoms_near(p) for p in self.objects()]
-        self.hand_geoms = self._visible_geoms(self.model.body("hand").id)
-        self.hand_bodies = set(self._subtree(self.model.body("hand").id))
-        self.object_bodies = set(self._subtree(self.model.geom_bodyid[self.object_geoms[0][0]]))
-        self._recolour()
-        # Fast: an offscreen buffer at image size, no multisampling, shadows or reflections (10-15x gym's)
-        vis = self.model.vis
-        vis.global_.offwidth = vis.global_.offheight = image_size
-        vis.quality.offsamples, vis.global_.fovy = 0, camera.fovy
-        try:
-            self.renderer = mujoco.Renderer(self.model, image_size, image_size)
-        except Exception as err:  # the GL libraries are missing or broken
-            raise RuntimeError(GL_HELP.format(gl=os.environ.get("MUJOCO_GL"), err=err)) from err
-        for flag in ("mjRND_SHADOW", "mjRND_REFLECTION", "mjRND_SKYBOX"):
-            self.renderer.scene.flags[getattr(mujoco.mjtRndFlag, flag)] = 0  # 19 -> ~190 frames/s at 64 px
-        self.option = mujoco.MjvOption()
-        self.option.sitegroup[:] = 0  # hide every site; the goal marker is drawn by us
-        self.free_cam = mujoco.MjvCamera()
-        self.free_cam.type = mujoco.mjtCamera.mjCAMERA_FREE
-
-    def _subtree(self, root: int) -> list[int]:
-        """Body `root` and all bodies below it."""
-        def ancestor(b):  # b's first ancestor that is root or the world
-            while b > 0 and b != root:
-                b = self.model.body_parentid[b]
-            return b
-        return [b for b in range(self.model.nbody) if ancestor(b) == root]
-
-    def _visible_geoms(self, root: int) -> np.ndarray:
-        """Visible geoms (groups 0-2, not transparent) of body `root` and its children."""
-        m, bodies = self.model, self._subtree(root)
-        return np.array([g for g in range(m.ngeom) if m.geom_group[g] < 3
-                         and m.geom_rgba[g, 3] > 0 and m.geom_bodyid[g] in bodies], dtype=int)
-
-    def _geoms_near(self, point: np.ndarray) -> np.ndarray:
-        """The object at `point`: the body of the nearest visible geom, with its children."""
-        world = self._visible_geoms(0)
-        nearest = min(world[self.model.geom_bodyid[world] > 0],
-                      key=lambda g: np.linalg.norm(self.data.geom_xpos[g] - point))
-        return self._visible_geoms(self.model.geom_bodyid[nearest])
-
-    def _recolour(self):
-        """Flat colours: geom_rgba with the material unset (a material would tint it)."""
-        m, var = self.model, self.variation
-        if var.object_color:
-            ids = self.object_geoms[0]
-            m.geom_rgba[ids, :3], m.geom_matid[ids] = parse_color(var.object_color)[1], -1
-        if var.table_color:
-            table = self.model.body("tablelink").id
-            ids = [g for g in range(m.ngeom) if m.geom_bodyid[g] == table]
-            m.geom_rgba[ids, :3], m.geom_matid[ids] = parse_color(var.table_color)[1], -1
+        m, hand = self.model, self.model.body("hand").id
+        self.object_geoms = [geoms_near(m, self.data, p) for p in self.objects()]
+        self.hand_geoms, self.hand_bodies = visible_geoms(m, hand), set(subtree(m, hand))
+        self.object_bodies = set(subtree(m, m.geom_bodyid[self.object_geoms[0][0]]))
+        recolour(self.model, self.object_geoms[0], variation)
+        self.renderer = Renderer(self.model, image_size, camera.fovy)
 
     def seed(self, seed: int, goal: int | None = None) -> np.ndarray:
         """Reset to the layout (and camera jitter) that `seed` determines, marker `goal` the goal if given; returns the obs."""
@@ -276,35 +345,14 @@ class World:
         self.camera = jitter_camera(self.base_camera, self.variation.camera_jitter, rng)
         self.markers, self.marker_colors, self.marker_words, self.marker_rgb, self.goal_marker = np.zeros((0, 3)), [], (), (), -1
         if self.variation.markers and self.task in MARKER_TEXT:
-            self._place_markers(np.random.default_rng([seed, 11]), goal)
+            # One height (not Meta-World's random one): in one camera a sphere's height trades off against its distance.
+            z = (self.env.goal_space.low + self.env.goal_space.high)[2] / 2 if self.task == "reach" else self.objects()[0, 2]
+            self.markers, self.marker_colors, self.goal_marker = place_markers(self.variation, np.random.default_rng([seed, 11]), z, goal)
+            self.marker_words, self.marker_rgb = zip(*(parse_color(c) for c in self.marker_colors))
+            self.env._target_pos = self.markers[self.goal_marker].copy()
+            self.model.site("goal").pos = self.env._target_pos
+            self.obs[-3:] = self.env._target_pos  # the goal-observable expert reads it here
         return self.obs
-
-    def _place_markers(self, rng: np.random.Generator, goal_index: int | None = None):
-        """K markers MARKER_GAP apart, distinct colours, the first the goal (ambiguous: the second has its
-        colour and the goal is either, 50/50); the env's target and the expert's observation follow."""
-        var, (low, high), k = self.variation, MARKER_REGION, self.variation.markers
-        if not 2 <= k <= len(var.marker_colors) + bool(var.goal_colors):
-            raise ValueError(f"--variation.markers {k}: use 2 to {len(var.marker_colors)} (the marker colours given)")
-        for _ in range(1000):
-            xy = rng.uniform(low, high, (k, 2))
-            if k == 1 or min(np.linalg.norm(a - b) for i, a in enumerate(xy) for b in xy[i + 1:]) >= MARKER_GAP:
-                break
-        else:
-            raise ValueError(f"{k} markers do not fit {MARKER_GAP} m apart in {MARKER_REGION}; use fewer")
-        # One height (not Meta-World's random one): in one camera a sphere's height trades off against its distance.
-        z = np.full(k, (self.env.goal_space.low + self.env.goal_space.high)[2] / 2 if self.task == "reach" else self.objects()[0, 2])
-        goal = (var.goal_colors or var.marker_colors)[rng.integers(len(var.goal_colors or var.marker_colors))]
-        others = [c for c in var.marker_colors if c != goal]
-        ambiguous = rng.random() < var.ambiguous
-        self.marker_colors = [goal] + [goal] * ambiguous + list(map(str, rng.choice(others, k - 1 - ambiguous, replace=False)))
-        self.markers = np.column_stack([xy, z])
-        self.marker_words, self.marker_rgb = zip(*(parse_color(c) for c in self.marker_colors))
-        self.goal_marker = int(rng.integers(2)) if ambiguous else 0
-        if goal_index is not None and not (ambiguous and goal_index < 2):  # a twin named: the 50/50 pick stands
-            self.goal_marker = goal_index % k  # the same markers, another one named
-        self.env._target_pos = self.markers[self.goal_marker].copy()
-        self.model.site("goal").pos = self.env._target_pos
-        self.obs[-3:] = self.env._target_pos  # the goal-observable expert reads it here
 
     def step(self, action: np.ndarray) -> bool:
         """Apply an action in [-1, 1]^4 (dx, dy, dz, grip); Meta-World's success, or within 5 cm of the goal's twin."""
@@ -335,15 +383,7 @@ class World:
         return float(self.obs[3])  # finger distance / 0.1 m: 1 open, ~0 closed
 
     def contact(self) -> int:
-        """Gripper-object contact from MuJoCo: 0 none, 1 touching, 2 both finger pads on it."""
-        m, touched = self.model, set()
-        for a, b in zip(self.data.contact.geom1, self.data.contact.geom2):
-            a, b = m.geom_bodyid[a], m.geom_bodyid[b]
-            if b in self.object_bodies:
-                a, b = b, a
-            if a in self.object_bodies and b in self.hand_bodies:
-                touched.add(m.body(b).name)
-        return 2 if {"leftpad", "rightpad"} <= touched else int(bool(touched))
+        return grip_contact(self.model, self.data, self.object_bodies, self.hand_bodies)
 
     def objects(self) -> np.ndarray:
         return self.env._get_pos_objects().reshape(-1, 3).copy()  # (K, 3), K = 1 or 2
@@ -355,14 +395,7 @@ class World:
         return np.append(self.hand(), self.gripper()).astype(np.float32)  # (4,)
 
     def box(self, geoms: np.ndarray) -> np.ndarray:
-        """Pixel box [u1, v1, u2, v2] of some geoms: their bounding-box corners projected."""
-        m, d, corners = self.model, self.data, []
-        signs = np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)])
-        for g in geoms:
-            local = m.geom_aabb[g, :3] + m.geom_aabb[g, 3:] * signs  # (8, 3) in the geom frame
-            corners.append(d.geom_xpos[g] + local @ d.geom_xmat[g].reshape(3, 3).T)
-        uv = self.project(np.concatenate(corners))
-        return np.concatenate([uv.min(0), uv.max(0)]).clip(0, self.size)
+        return geom_box(self.model, self.data, geoms, self.camera, self.size)
 
     def project(self, xyz: np.ndarray) -> np.ndarray:
         return project(xyz, self.camera, self.size, self.size)
@@ -389,26 +422,11 @@ class World:
 
     def render(self) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """(H, W, 3) uint8 from the scene camera; with wrist=True also the wrist view."""
-        cam, fc = self.camera, self.free_cam
-        fc.lookat[:], fc.distance, fc.azimuth, fc.elevation = cam.lookat, cam.distance, cam.azimuth, cam.elevation
-        self.renderer.update_scene(self.data, fc, self.option)
-        for xyz, rgb in zip(self.markers, self.marker_rgb):
-            self._draw_marker(self.renderer.scene, xyz, (*rgb, 1.0))
+        spheres = [(xyz, (*rgb, 1.0)) for xyz, rgb in zip(self.markers, self.marker_rgb)]
         if self.task in FREE_GOAL and not len(self.markers):
-            self._draw_marker(self.renderer.scene, self.goal(), MARKER_RGBA)
-        image = self.renderer.render()
-        if not self.wrist:
-            return image
-        self.renderer.update_scene(self.data, "gripperPOV", self.option)
-        return image, self.renderer.render()
-
-    @staticmethod
-    def _draw_marker(scene: mujoco.MjvScene, xyz: np.ndarray, rgba: tuple):
-        """Append a sphere to the scene: visible in the image, invisible to the physics."""
-        if scene.ngeom < scene.maxgeom:
-            mujoco.mjv_initGeom(scene.geoms[scene.ngeom], mujoco.mjtGeom.mjGEOM_SPHERE, np.array([MARKER_RADIUS, 0, 0]),
-                                xyz, np.eye(3).ravel(), np.array(rgba, dtype=np.float32))
-            scene.ngeom += 1
+            spheres.append((self.goal(), MARKER_RGBA))
+        image = self.renderer.view(self.data, self.camera, spheres)
+        return (image, self.renderer.view(self.data, "gripperPOV")) if self.wrist else image
 
     def close(self):
         self.renderer.close()

@@ -31,7 +31,7 @@ def test_camera_pose_is_the_one_mujoco_renders_with(world):
 def test_marker_lands_on_the_projected_pixel(world, xyz):
     """Render a small bright sphere at a known point; its pixels centre on project(xyz)."""
     world.render()  # places the free camera
-    world.renderer.update_scene(world.data, world.free_cam, world.option)
+    world.renderer.update_scene(world.data, world.renderer.free_cam, world.renderer.option)
     before = world.renderer.render().astype(int)
     g = world.renderer.scene.geoms[world.renderer.scene.ngeom]
     mujoco.mjv_initGeom(g, mujoco.mjtGeom.mjGEOM_SPHERE, np.array([0.012, 0, 0]), np.array(xyz),
