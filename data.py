@@ -147,9 +147,9 @@ def collect(cfg: Collect) -> Path:
     """Collect, then write the dataset atomically: a temporary folder renamed into place."""
     tasks = [sim.check_task(t) for t in cfg.tasks]
     check_positive(episodes=cfg.episodes, workers=cfg.workers, max_steps=cfg.max_steps)
-    if cfg.image_size < 16 or cfg.image_size % 16:  # the data's size is the tiny VLM's (model.VLAConfig.image_size)
-        raise DataError(f"--image-size {cfg.image_size}: use a multiple of 16 (the tiny VLM cuts 8 px patches and "
-                        "merges 2 x 2 of them into one image token); 64 is the default")
+    if cfg.image_size < 16 or (cfg.image_size // 8) % 2:  # the data's size is the tiny VLM's (model.VLAConfig.image_size)
+        raise DataError(f"--image-size {cfg.image_size}: use a size with an even number of 8 px patches across, "
+                        "e.g. 64, 84 or 96 (the tiny VLM merges 2 x 2 patches into one image token)")
     color = cfg.variation.color_word()  # validates the colours before any work
     for c in filter(None, [cfg.variation.table_color, *cfg.variation.all_marker_colors()]):
         sim.parse_color(c)
