@@ -17,16 +17,14 @@ from tqdm import tqdm
 import sim
 
 FORMAT_VERSION = 2  # 2: the coloured markers
-ARRAYS = ("images", "proprio", "episode", "step", "hand", "objects", "goal", "hand_px", "objects_px", "goal_px",
-          "objects_box", "hand_box", "success", "contact", "grip", "camera", "markers", "markers_px", "marker_color",
-          "goal_marker")
+ARRAYS = ("images", "proprio", "episode", "step", "hand", "objects", "goal", "hand_px", "objects_px", "goal_px", "objects_box",
+          "hand_box", "success", "contact", "grip", "camera", "markers", "markers_px", "marker_color", "goal_marker")
 
 class DataError(ValueError):
     """Bad input the user can fix; the CLIs print it as one line and exit non-zero."""
 
 def check_positive(**counts: int):
-    """Stop before any work on a count that leaves nothing to do (--episodes 0, --batch 0, --steps -1),
-    which would otherwise fail late and obscurely, or "succeed" with an empty result."""
+    """Stop before any work on a count that leaves nothing to do (--episodes 0, --batch 0, --steps -1)."""
     for name, n in counts.items():
         if n < 1:
             raise DataError(f"--{name.replace('_', '-')} {n}: use 1 or more")
@@ -133,7 +131,7 @@ def collect_task_episodes(cfg: Collect, imap, task: str, bar) -> tuple[list[dict
             if ep is not None and len(found) < want:
                 found[i] = ep
                 bar.update(1)
-            bar.set_postfix(task=task, attempts=i + 1)
+            bar.set_postfix(task=task, attempts=i + 1, refresh=False)
         k = ks.stop
     return [found[i] for i in sorted(found)], k, wins
 
@@ -147,9 +145,8 @@ def collect(cfg: Collect) -> Path:
     """Collect, then write the dataset atomically: a temporary folder renamed into place."""
     tasks = [sim.check_task(t) for t in cfg.tasks]
     check_positive(episodes=cfg.episodes, workers=cfg.workers, max_steps=cfg.max_steps)
-    if cfg.image_size < 16 or (cfg.image_size // 8) % 2:  # the data's size is the tiny VLM's (model.VLAConfig.image_size)
-        raise DataError(f"--image-size {cfg.image_size}: use a size with an even number of 8 px patches across, "
-                        "e.g. 64, 84 or 96 (the tiny VLM merges 2 x 2 patches into one image token)")
+    if cfg.image_size < 16 or (cfg.image_size // 8) % 2:  # the tiny VLM's size (it merges 2 x 2 patches of 8 px)
+        raise DataError(f"--image-size {cfg.image_size}: use a size with an even number of 8 px patches across, e.g. 64, 84 or 96")
     color = cfg.variation.color_word()  # validates the colours before any work
     for c in filter(None, [cfg.variation.table_color, *cfg.variation.all_marker_colors()]):
         sim.parse_color(c)

@@ -21,7 +21,8 @@ class Report:
     results: str = "out/eval"
     bench: str = "out/bench.md"
     tables: str = "results"  # experiment tables: every <tables>/<table>/table.json (experiments/run.py); bench runs in <tables>/real/
-    readme: str | None = None  # also replace the README's generated section (between its markers)
+    readme: str | None = None  # write the experiment tables and the file map between this file's two marker lines
+    doc: str | None = None  # write the pipeline run's results and speed between this file's marker lines (docs/results.md)
 
 # --- Experiment tables: means over training seeds, 95% bootstrap intervals, verdicts -----------
 def strata(result: dict, metric: str) -> list[np.ndarray]:
@@ -126,7 +127,8 @@ def grounding_markdown(r: dict) -> list[str]:
             f"marker ({c['layouts']} layouts per task, each marker named in turn, {c['draws']} draws from shared noise; "
             f"chance {next(iter(r['summary'].values()))['chance']:.2f}; 95% intervals over layouts): " + ", ".join(cells), ""]
 
-def report_markdown(cfg: Report) -> str:
+def run_markdown(cfg: Report) -> list[str]:
+    """One pipeline run: closed-loop success, ETC accuracy, grounding, CKA (out/eval/*.json) and speed."""
     res = [json.loads(p.read_text()) for p in sorted(Path(cfg.results).glob("*.json"))]
     out = []
     succ = [r for r in res if r["kind"] == "success"]
@@ -165,32 +167,45 @@ def report_markdown(cfg: Report) -> str:
     for r in (r for r in res if r["kind"] == "cka"):
         out += [f"**Representation drift**, linear CKA per VLM layer (embeddings first), {r['a']} vs {r['b']}, "
                 f"{r['frames']} held-out frames: " + ", ".join(f"{v:.3f}" for v in r["layers"]), ""]
-    for folder in sorted(p.parent for p in Path(cfg.tables).glob("*/table.json")):
-        out += table_markdown(folder)
     bench = Path(cfg.bench)
     if bench.is_file():
         out += ["**Speed** (`python bench.py`)", "", bench.read_text().strip(), ""]
     for f in sorted(Path(cfg.tables).glob("real/bench_*.md")):  # bench.py runs kept beside the tables (each names its command)
         out += [f"**Speed: {f.stem.removeprefix('bench_').replace('_', ', ')}** (`{f}`)", "", f.read_text().strip(), ""]
+    return out
+
+def file_map() -> list[str]:
+    """Every top-level file and experiment script: its lines and its docstring's first line."""
     root = Path(__file__).resolve().parent
     files = {p.name: p.read_text() for p in sorted(root.glob("*.py"))}  # concept: the docstring's first line
     tests = sum(len(p.read_text().splitlines()) for p in (root / "tests").glob("*.py"))
-    out += ["**File map**", "", "| file | lines | concept |", "|---|---|---|"]
+    files |= {f"experiments/{p.name}": p.read_text() for p in sorted((root / "experiments").glob("*.py"))}
+    out = ["**File map**", "", "| file | lines | concept |", "|---|---|---|"]
     out += [f"| `{f}` | {len(t.splitlines())} | {ast.get_docstring(ast.parse(t)).splitlines()[0]} |" for f, t in files.items()]
-    exp = (root / "experiments" / "run.py").read_text()
-    out += [f"| `experiments/run.py` | {len(exp.splitlines())} | {ast.get_docstring(ast.parse(exp)).splitlines()[0]} |",
-            f"| `tests/` | {tests} | pytest |", f"| core total (top level) | {sum(len(t.splitlines()) for t in files.values())} | |"]
-    return "\n".join(out) + "\n"
+    return out + [f"| `tests/` | {tests} | pytest |",
+                  f"| core total (top level) | {sum(len(t.splitlines()) for f, t in files.items() if '/' not in f)} | |", ""]
+
+def tables_markdown(cfg: Report) -> list[str]:
+    return [line for folder in sorted(p.parent for p in Path(cfg.tables).glob("*/table.json")) for line in table_markdown(folder)]
+
+def report_markdown(cfg: Report) -> str:
+    return "\n".join(run_markdown(cfg) + tables_markdown(cfg) + file_map()) + "\n"
+def marked(path: Path) -> tuple[str, str]:
+    """The file's text before its first marker line and from its second on (MARK)."""
+    text = path.read_text()
+    if MARK[0] not in text or MARK[1] not in text:
+        raise data.DataError(f"{path} has no generated section; add the two marker lines {MARK} where it goes")
+    head, rest = text.split(MARK[0], 1)
+    return head + MARK[0] + "\n", rest[rest.index(MARK[1]):]
 
 def report(cfg: Report) -> str:
-    md = report_markdown(cfg)
-    if cfg.readme:
-        path = Path(cfg.readme)
-        text = path.read_text()
-        if MARK[0] not in text or MARK[1] not in text:
-            raise data.DataError(f"{path} has no generated section; add the two marker lines {MARK} where it goes")
-        head, rest = text.split(MARK[0], 1)
-        path.write_text(head + MARK[0] + "\n" + md + rest[rest.index(MARK[1]):])
+    """Print every table; write the experiment tables and file map into --readme, the run into --doc."""
+    run, rest = run_markdown(cfg), tables_markdown(cfg) + file_map()
+    targets = [(Path(f), "\n".join(md) + "\n") for f, md in ((cfg.readme, rest), (cfg.doc, run)) if f]
+    kept = [marked(path) for path, _ in targets]  # every file checked before any is written
+    for (path, md), (head, tail) in zip(targets, kept):
+        path.write_text(head + md + tail)
+    md = "\n".join(run + rest) + "\n"
     print(md)
     return md
 

@@ -54,12 +54,15 @@ def test_rollouts_accept_any_colour_and_instruction_and_write_results(dataset_pa
 
     scores = ev.etc_accuracy(ev.EtcAccuracy(ckpt=str(tmp_path / "policy"), data=(str(etc_path),), holdout=2, limit=12, out=str(tmp_path / "eval")))
     assert scores["records"] == 12 and set(scores["scores"]) <= {"scene", "task", "planning"}
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{report.MARK[0]}\nthe previous results\n{report.MARK[1]}\noutro\n")
-    report.report(report.Report(results=str(tmp_path / "eval"), bench=str(tmp_path / "none.md"), readme=str(readme)))
-    text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith(f"{report.MARK[1]}\noutro\n") and "the previous results" not in text
-    assert "| run | " in text and "| scene | task | planning |" in text and "`eval.py`" in text  # success, ETC, file map
+    readme, doc = tmp_path / "README.md", tmp_path / "results.md"
+    for f in (readme, doc):
+        f.write_text(f"intro\n{report.MARK[0]}\nthe previous results\n{report.MARK[1]}\noutro\n")
+    report.report(report.Report(results=str(tmp_path / "eval"), bench=str(tmp_path / "none.md"), readme=str(readme), doc=str(doc)))
+    text, run = readme.read_text(), doc.read_text()
+    for t in (text, run):
+        assert t.startswith("intro\n") and t.endswith(f"{report.MARK[1]}\noutro\n") and "the previous results" not in t
+    assert "| run | " in run and "| scene | task | planning |" in run and "| run | " not in text  # success, ETC: the run's page
+    assert "| `eval.py` |" in text and "| `experiments/binding.py` |" in text  # the file map: the README
 
 
 @pytest.mark.parametrize("mode", ["right", "wrong", "empty"])
@@ -171,11 +174,12 @@ def test_bad_input_stops_clearly(dataset_path, tmp_path, capsys):
         ev.success(ev.Success(ckpt=str(tmp_path / "none"), data=str(dataset_path), object_colors=("bleu",)))
     with pytest.raises(model.CheckpointError, match="no checkpoint"):
         ev.etc_accuracy(ev.EtcAccuracy(ckpt=str(tmp_path / "none")))
-    readme = tmp_path / "README.md"
+    readme, doc = tmp_path / "README.md", tmp_path / "results.md"
     readme.write_text("no markers\n")
-    with pytest.raises(ValueError, match="marker"):
-        report.report(report.Report(results=str(tmp_path), readme=str(readme)))
-    assert readme.read_text() == "no markers\n"
+    doc.write_text(f"{report.MARK[0]}\nkept\n{report.MARK[1]}\n")
+    with pytest.raises(ValueError, match="marker"):  # nothing written, not even the file that has its markers
+        report.report(report.Report(results=str(tmp_path), readme=str(readme), doc=str(doc)))
+    assert readme.read_text() == "no markers\n" and "kept" in doc.read_text()
 
 
 def test_bench_quick_mode_prints_every_table(tmp_path):
