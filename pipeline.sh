@@ -93,5 +93,5 @@ have out/eval/cka_stage1_stage2.json || run python eval.py cka --a out/stage1 --
 have out/eval/cka_stage1_stage2_action_only.json || run python eval.py cka --a out/stage1 --b out/stage2_action_only
 have out/bench.md || run python bench.py
 
-# 7. The results tables (the README's results section is this, via --readme README.md).
+# 7. The results tables (`python report.py --readme README.md --doc docs/results.md` writes them there).
 python report.py
