@@ -25,6 +25,7 @@ class Config:
     steps: int = 1500  # optimiser steps
     batch: int = 32  # global batch of ETC records
     lr: float = 1e-3  # peak learning rate
+    vision_lr: float = 0.1  # the vision tower's learning rate as a fraction of --lr (binding learns faster: docs/notes.md)
     warmup: int = 100  # linear warm-up steps, then cosine to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -63,7 +64,7 @@ def main(cfg: Config):
     batches = data.Batches(etc.Samples(train), None, vla.tokenizer, vla.image_ids, cfg.batch,
                            data.Ramp("constant", 1.0, 1.0), dict.fromkeys(cfg.levels, 1.0), cfg.seed,
                            cfg.kind_weights)
-    params = [p for n, p in vla.named_parameters() if p.requires_grad and not n.startswith("expert.")]
+    params = scaffold.param_groups(vla, cfg.vision_lr, skip="expert.")  # stage 1 trains no action expert
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     start = scaffold.load_state(out, net, optimizer=opt) if cfg.resume else 0
     log = scaffold.open_log(out, cfg.resume, proc)

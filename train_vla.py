@@ -38,6 +38,7 @@ class Config:
     steps: int | None = None  # optimiser steps (stage default)
     batch: int = 32  # global batch (ETC + action samples)
     lr: float | None = None  # peak learning rate (stage default)
+    vision_lr: float = 1.0  # the vision tower's learning rate as a fraction of --lr (train_etc.py's is 0.1)
     warmup: int = 100  # linear learning-rate warm-up steps, then cosine to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -121,8 +122,7 @@ def main(cfg: Config):
     batches = data.Batches(etc.Samples(train), etc.GoalSteps(actions) if vla.cfg.goal_step else actions, vla.tokenizer,
                            vla.image_ids, cfg.batch, data.Ramp("cosine", cfg.etc_start, cfg.etc_end, cfg.steps),
                            dict.fromkeys(cfg.levels, 1.0), cfg.seed, cfg.kind_weights)
-    params = [p for p in vla.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(scaffold.param_groups(vla, cfg.vision_lr), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     start = scaffold.load_state(out, net, optimizer=opt) if cfg.resume else 0
     action_weight = data.Ramp("cosine", cfg.action_weight_start, cfg.action_weight_end, cfg.steps)
     log = scaffold.open_log(out, cfg.resume, proc)

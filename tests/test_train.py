@@ -44,6 +44,8 @@ def stage1_ckpt(etc_path, tmp_path_factory):
 def test_stage1_writes_a_loadable_checkpoint_and_etc_accuracy(stage1_ckpt):
     vla = model.load(stage1_ckpt)
     assert (stage1_ckpt / "train_state.pt").is_file()
+    groups = torch.load(stage1_ckpt / "train_state.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert [g["lr_scale"] for g in groups] == [0.1, 1.0] and groups[0]["lr"] == pytest.approx(0.1 * groups[1]["lr"])
     log = rows(stage1_ckpt.with_name("stage1.log.jsonl"))
     assert [r["step"] for r in log[:3]] == [0, 1, 2] and all(r["lm"] > 0 for r in log[:3])
     assert set(log[-1]["etc"]) == set(etc.LEVELS)  # held-out ETC accuracy per level
