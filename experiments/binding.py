@@ -13,6 +13,8 @@ asked one (chance 1/K), `px4` how often the answer lies within 4 px of it. Writt
 
     {"probe": "discs", "config": {...}, "curve": [{"step": 250, "named": 0.34, "px4": 0.02, "chance": 0.33, "loss": 2.6}, ...]}
 
+(the world probe also records "layouts": how many training and held-out scenes the curve comes from)
+
 Any VLM goes through it (--vlm: a preset or a checkpoint folder); ablations are flags (--embed-std
 0.02 is transformers' own initialisation, --vision-lr 1 trains the vision tower at the full rate).
 """
@@ -89,6 +91,8 @@ class World:
                     (self.held if etc.held_out(r, holdout) else self.train).append((ds, r))
         if not self.train or not self.held:
             raise data.DataError(f"no marker questions in {paths}: collect with --variation.markers 3 and run etc.py")
+        layouts = lambda items: len({(str(ds.path), r["task"], r["episode"]) for ds, r in items})  # noqa: E731
+        self.layouts = dict(train=layouts(self.train), held=layouts(self.held))  # what the curve generalises from
 
     def sample(self, item: tuple) -> tuple[dict, np.ndarray, int]:
         ds, r = item
@@ -98,17 +102,17 @@ class World:
 
 
 def sampler(cfg: Config):
-    """(train(rng) -> sample, held-out samples) of the probe."""
+    """(train(rng) -> sample, held-out samples, what to record of the data) of the probe."""
     if cfg.probe == "world":
         world = World(cfg.data, cfg.holdout)
         held = [world.sample(world.held[i]) for i in np.linspace(0, len(world.held) - 1, cfg.held).astype(int)]
-        return lambda rng: world.sample(world.train[rng.integers(len(world.train))]), held
+        return lambda rng: world.sample(world.train[rng.integers(len(world.train))]), held, dict(layouts=world.layouts)
     if cfg.probe == "text":
         draw = lambda rng, train: text_sample(cfg, rng)  # noqa: E731
     else:
         draw = lambda rng, train: disc_sample(cfg, rng, int(rng.integers(1, cfg.markers + 1)) if cfg.mix and train else cfg.markers)  # noqa: E731
     rng = np.random.default_rng([cfg.seed, 1])  # held-out samples: a stream the training draws never reach
-    return lambda r: draw(r, True), [draw(rng, False) for _ in range(cfg.held)]
+    return lambda r: draw(r, True), [draw(rng, False) for _ in range(cfg.held)], {}
 
 
 # --- Scoring and the loop ------------------------------------------------------------------------
@@ -128,7 +132,7 @@ def main(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     extra = [etc.prompt(f"where is the {w} disc?") for w in COLORS]  # the disc probe's words, for the tokenizer
     vla = model.VLA(model.VLAConfig(vlm=cfg.vlm, embed_std=cfg.embed_std), corpus=etc.corpus() + extra)
-    train, held = sampler(cfg)
+    train, held, about = sampler(cfg)
     questions = [{k: v for k, v in s.items() if k != "answer"} for s, _, _ in held]
     opt = torch.optim.AdamW(scaffold.param_groups(vla, cfg.vision_lr, skip="expert."), lr=cfg.lr, betas=(0.9, 0.95),
                             weight_decay=0.01)
@@ -143,7 +147,7 @@ def main(cfg: Config) -> dict:
             named, px4 = score(scaffold.answers(vla, questions, max_new=4), held)
             curve.append(dict(step=step + 1, named=named, px4=px4, chance=1 / len(held[0][1]), loss=round(logs["lm"], 4)))
             print(" ".join(f"{k} {v:.3g}" for k, v in curve[-1].items()), f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    result = dict(probe=cfg.probe, config=asdict(cfg), curve=curve, wall_s=round(time.perf_counter() - t0),
+    result = dict(probe=cfg.probe, config=asdict(cfg), **about, curve=curve, wall_s=round(time.perf_counter() - t0),
                   code=scaffold.commit())
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
