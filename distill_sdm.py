@@ -198,10 +198,9 @@ def main(cfg: Config):
     for k, v in METHODS[cfg.method].items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
-    data.check_positive(steps=cfg.steps, batch=cfg.batch)
     proc, out = scaffold.start(cfg.device), Path(cfg.out)
     device = proc.device
-    scaffold.check_out(out, cfg.resume, cfg.overwrite)
+    scaffold.check_out(out, cfg.resume, cfg.overwrite, cfg.steps, cfg.batch)
     if not (Path(cfg.teacher) / "config.json").is_file():
         raise model.CheckpointError(f"no teacher at {cfg.teacher}: train one (`python train_vla.py --stage 3`) or pass --teacher")
     scaffold.require_trained_head(cfg.teacher, "distil a trained policy (`python train_vla.py --stage 3`)")

@@ -77,8 +77,9 @@ def to(batch: dict | None, device) -> dict | None:
     return None if batch is None else {k: v.to(device) for k, v in batch.items()}
 
 # --- The run's folder: checkpoints, exact resume, Ctrl-C, provenance --------------------------
-def check_out(out: Path, resume: bool, overwrite: bool, batch: int = 0, world_size: int = 1):
-    """Stop before any work when --out, --resume or --batch cannot be honoured."""
+def check_out(out: Path, resume: bool, overwrite: bool, steps: int, batch: int, world_size: int = 1):
+    """Stop before any work when --out, --resume, --steps or --batch cannot be honoured."""
+    data.check_positive(steps=steps, batch=batch)
     if resume and not (out / "train_state.pt").is_file():
         raise model.CheckpointError(f"nothing to resume at {out} (no train_state.pt); drop --resume to start a new run")
     if out.exists() and not (resume or overwrite):

@@ -46,9 +46,8 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
 
 def main(cfg: Config):
-    data.check_positive(steps=cfg.steps, batch=cfg.batch)
     proc, out = scaffold.start(cfg.device), Path(cfg.out)
-    scaffold.check_out(out, cfg.resume, cfg.overwrite, cfg.batch, proc.world_size)
+    scaffold.check_out(out, cfg.resume, cfg.overwrite, cfg.steps, cfg.batch, proc.world_size)
     sizes = {data.Dataset(p).meta["image_size"] for p in cfg.etc_data}
     if len(sizes) > 1:
         raise data.DataError(f"the ETC datasets mix image sizes {sorted(sizes)}; collect them at one --image-size")

@@ -108,10 +108,9 @@ def build(cfg: Config, ds: data.Dataset) -> model.VLA:
 
 def main(cfg: Config):
     cfg = resolve(cfg)
-    data.check_positive(steps=cfg.steps, batch=cfg.batch)
     etc.check_kinds(cfg.kind_weights, "--kind-weights")
     proc, out = scaffold.start(cfg.device), Path(cfg.out)
-    scaffold.check_out(out, cfg.resume, cfg.overwrite, cfg.batch, proc.world_size)
+    scaffold.check_out(out, cfg.resume, cfg.overwrite, cfg.steps, cfg.batch, proc.world_size)
     ds = data.Dataset(cfg.action_data)
     vla = model.load(out, expect=dict(head=cfg.head, chunk=cfg.chunk), grad_checkpoint=cfg.grad_checkpoint).train() if cfg.resume else build(cfg, ds)
     vla.to(proc.device)
