@@ -4,7 +4,7 @@ A `World` wraps one task: seeded layouts, frames from a free (and the wrist) cam
 the scripted expert, flat recolouring, coloured goal markers. Each task has a template, 2 paraphrases
 and a held-out one. xyz in metres (x right of the robot, y away, z up); pixels (u, v), u right, v down.
 """
-import ctypes.util, os, re, warnings
+import ctypes.util, json, os, re, warnings
 from dataclasses import dataclass
 
 # MuJoCo picks its OpenGL backend on import: EGL (fast, headless), else OSMesa; MUJOCO_GL wins.
@@ -27,60 +27,10 @@ GL_HELP = ("headless OpenGL failed (MUJOCO_GL={gl}). Install the system librarie
            "`apt-get update && apt-get install -y libegl1 libgl1-mesa-dri` (EGL), or "
            "`apt-get install -y libosmesa6` and set MUJOCO_GL=osmesa. Cause: {err}")
 
-# --- Language. task -> (object noun, template | paraphrase | paraphrase | held-out paraphrase). ---
+# --- Language. tasks.json: task -> [object noun, template, paraphrase, paraphrase, held-out paraphrase].
 # "{o}" becomes the object noun, with its colour word in front when the colour is varied.
-TEXT = {
-    "assembly": ("nut", "put the {o} on the peg | slide the {o} onto the peg | place the {o} over the peg | fit the {o} around the peg"),
-    "basketball": ("ball", "dunk the {o} into the hoop | put the {o} in the basket | score the {o} in the hoop | drop the {o} through the ring"),
-    "bin-picking": ("cube", "move the {o} to the other bin | put the {o} in the second bin | transfer the {o} between the bins | carry the {o} over to the other bin"),
-    "box-close": ("lid", "put the {o} on the box | close the box with the {o} | place the {o} onto the box | cover the box using the {o}"),
-    "button-press-topdown": ("button", "press the {o} from the top | push the {o} down from above | press down on the {o} | tap the {o} from overhead"),
-    "button-press-topdown-wall": ("button", "press the {o} from the top behind the wall | push the {o} down past the wall | reach over the wall and press the {o} | press down on the {o} beyond the wall"),
-    "button-press": ("button", "press the {o} | push the {o} in | press the {o} from the front | poke the {o} straight on"),
-    "button-press-wall": ("button", "press the {o} behind the wall | push the {o} past the wall | reach around the wall and press the {o} | poke the {o} that is behind the wall"),
-    "coffee-button": ("coffee machine", "press the button on the {o} | start the {o} | push the {o} button | switch on the {o}"),
-    "coffee-pull": ("mug", "pull the {o} out of the coffee machine | take the {o} from the coffee machine | drag the {o} to the goal | bring the {o} back from the coffee machine"),
-    "coffee-push": ("mug", "push the {o} under the coffee machine | slide the {o} to the coffee machine | move the {o} beneath the spout | shove the {o} under the machine"),
-    "dial-turn": ("dial", "turn the {o} | rotate the {o} | spin the {o} around | twist the {o}"),
-    "disassemble": ("nut", "pick the {o} off the peg | remove the {o} from the peg | lift the {o} off the peg | take the {o} away from the peg"),
-    "door-close": ("door", "close the {o} | shut the {o} | push the {o} closed | swing the {o} shut"),
-    "door-lock": ("door lock", "lock the door | turn the {o} to locked | lock the door with the {o} | twist the {o} down"),
-    "door-open": ("door", "open the {o} | pull the {o} open | swing the {o} open | open up the {o}"),
-    "door-unlock": ("door lock", "unlock the door | turn the {o} to unlocked | unlock the door with the {o} | twist the {o} open"),
-    "hand-insert": ("block", "put the {o} into the hole | insert the {o} in the hole | push the {o} into the hole | drop the {o} into the opening"),
-    "drawer-close": ("drawer", "close the {o} | push the {o} shut | slide the {o} closed | shut the {o}"),
-    "drawer-open": ("drawer", "open the {o} | pull the {o} open | slide the {o} out | pull out the {o}"),
-    "faucet-open": ("faucet", "open the {o} | turn the {o} on | rotate the {o} handle open | turn on the {o}"),
-    "faucet-close": ("faucet", "close the {o} | turn the {o} off | rotate the {o} handle closed | turn off the {o}"),
-    "hammer": ("hammer", "hammer the nail into the wall | use the {o} to drive in the nail | strike the nail with the {o} | pound the nail in with the {o}"),
-    "handle-press-side": ("handle", "press the {o} down from the side | push the {o} down sideways | press down on the {o} from the side | push the side {o} down"),
-    "handle-press": ("handle", "press the {o} down | push the {o} down | press down on the {o} | push down the {o}"),
-    "handle-pull-side": ("handle", "pull the {o} up from the side | lift the {o} sideways | raise the {o} from the side | pull up the side {o}"),
-    "handle-pull": ("handle", "pull the {o} up | lift the {o} | raise the {o} | pull up the {o}"),
-    "lever-pull": ("lever", "pull the {o} up | raise the {o} | lift the {o} up | pull up the {o}"),
-    "pick-place-wall": ("puck", "pick up the {o} and place it at the goal behind the wall | move the {o} over the wall to the goal | lift the {o} over the wall onto the goal | carry the {o} past the wall to the goal"),
-    "pick-out-of-hole": ("puck", "pick the {o} out of the hole | lift the {o} out of the hole | take the {o} out of the hole | raise the {o} from the hole"),
-    "pick-place": ("puck", "pick up the {o} and place it at the goal | move the {o} to the goal | put the {o} on the goal | carry the {o} to the goal"),
-    "plate-slide": ("plate", "slide the {o} into the goal | push the {o} into the net | slide the {o} forward into the goal | shove the {o} into the net"),
-    "plate-slide-side": ("plate", "slide the {o} sideways into the goal | push the {o} sideways into the net | slide the {o} to the side into the goal | shove the {o} sideways into the net"),
-    "plate-slide-back": ("plate", "slide the {o} back out of the goal | pull the {o} back out of the net | slide the {o} back toward you | drag the {o} back from the net"),
-    "plate-slide-back-side": ("plate", "slide the {o} back out of the goal sideways | pull the {o} sideways out of the net | slide the {o} back to the side | drag the {o} sideways from the net"),
-    "peg-insert-side": ("peg", "insert the {o} into the hole from the side | push the {o} sideways into the hole | slide the {o} into the hole | put the {o} in the hole from the side"),
-    "peg-unplug-side": ("peg", "unplug the {o} sideways | pull the {o} out to the side | remove the {o} from the socket | unplug the {o}"),
-    "soccer": ("ball", "kick the {o} into the goal | push the {o} into the net | score the {o} in the goal | shoot the {o} into the goal"),
-    "stick-push": ("stick", "use the {o} to push the thermos | push the thermos with the {o} | grab the {o} and push the thermos | move the thermos using the {o}"),
-    "stick-pull": ("stick", "use the {o} to pull the thermos | pull the thermos with the {o} | grab the {o} and pull the thermos | drag the thermos using the {o}"),
-    "push": ("puck", "push the {o} to the goal | slide the {o} to the goal | push the {o} onto the marker | nudge the {o} over to the target"),
-    "push-wall": ("puck", "push the {o} to the goal behind the wall | slide the {o} around the wall to the goal | push the {o} past the wall | nudge the {o} around the wall to the target"),
-    "push-back": ("puck", "push the {o} back to the goal | slide the {o} back to the goal | pull the {o} back onto the marker | drag the {o} back to the target"),
-    "reach": ("puck", "reach the goal | move the gripper to the goal | reach for the marker | put your hand on the target"),
-    "reach-wall": ("puck", "reach the goal behind the wall | move the gripper over the wall to the goal | reach past the wall for the marker | put your hand on the target behind the wall"),
-    "shelf-place": ("block", "place the {o} on the shelf | put the {o} onto the shelf | move the {o} up to the shelf | set the {o} on the shelf"),
-    "sweep-into": ("cube", "sweep the {o} into the hole | push the {o} into the hole | slide the {o} into the hole | brush the {o} into the opening"),
-    "sweep": ("cube", "sweep the {o} off the table | push the {o} off the table | slide the {o} off the edge | brush the {o} off the table"),
-    "window-open": ("window", "open the {o} | slide the {o} open | push the {o} open | open up the {o}"),
-    "window-close": ("window", "close the {o} | slide the {o} shut | push the {o} closed | shut the {o}"),
-}
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks.json")) as f:
+    TEXT = {task: (noun, texts) for task, (noun, *texts) in json.load(f).items()}
 TASKS = sorted(TEXT)
 # Tasks whose goal is a free point in space with nothing to show it: we draw a marker there.
 FREE_GOAL = {"reach", "reach-wall", "push", "push-wall", "push-back", "pick-place",
@@ -98,7 +48,7 @@ def instructions(task: str, color: str | None = None, split: str = "train", mark
     task's name the goal marker by its colour word."""
     noun, texts = MARKER_TEXT[task] if marker and task in MARKER_TEXT else TEXT[check_task(task)]
     obj = f"{color} {noun}" if color else noun
-    out = [t.strip().format(o=obj, m=marker) for t in texts.split("|")]
+    out = [t.format(o=obj, m=marker) for t in texts]
     return {"train": out[:3], "heldout": out[3:], "all": out}[split]
 
 # --- Scene variation: flat colours and camera jitter. -----------------------------------------
@@ -113,8 +63,9 @@ MARKER_RGBA = (0.1, 1.0, 0.1, 1.0)  # the single goal marker (no --variation.mar
 MARKER_RADIUS = 0.06
 # The grounded tasks: K coloured markers, one the goal, named only by its colour ("{m}").
 MARKER_TEXT = {
-    "reach": ("puck", "reach the {m} marker | move the gripper to the {m} marker | touch the {m} marker | put your hand on the {m} dot"),
-    "push": ("puck", "push the {o} to the {m} marker | slide the {o} to the {m} marker | move the {o} onto the {m} marker | nudge the {o} over to the {m} dot"),
+    "reach": ("puck", ["reach the {m} marker", "move the gripper to the {m} marker", "touch the {m} marker", "put your hand on the {m} dot"]),
+    "push": ("puck", ["push the {o} to the {m} marker", "slide the {o} to the {m} marker", "move the {o} onto the {m} marker",
+                      "nudge the {o} over to the {m} dot"]),
 }
 # Where markers go (x, y; z: the goal range's), apart by > 2 x the 5 cm success radius and by
 # 3 cm more than a marker's width (in 95% of layouts their centres are >= 9 px apart at 64 px).
