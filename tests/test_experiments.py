@@ -111,8 +111,8 @@ def test_the_binding_benchmark_writes_a_curve_for_each_probe(world, tmp_path, pr
                     "--held", "6", "--data", str(world / "data" / "scenes"), "--holdout", "2", "--out", str(out)],
                    check=True, capture_output=True, text=True)
     r = json.loads(out.read_text())
-    assert r["probe"] == probe and r["config"]["steps"] == 2 and len(r["curve"]) == 1
-    point = r["curve"][0]
+    assert r["probe"] == probe and r["config"]["steps"] == 2 and [p["step"] for p in r["curve"]] == [0, 2]
+    point = r["curve"][1]
     assert probe != "world" or (r["layouts"]["train"] > 0 and r["layouts"]["held"] > 0)  # what the curve generalises from
     assert point["step"] == 2 and point["chance"] == pytest.approx(1 / 3) and 0 <= point["named"] <= 1 and point["loss"] > 0
 
@@ -122,8 +122,8 @@ def test_the_binding_plan_skips_curves_already_written(world):
         out = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "binding", "--root", str(world), "--seeds", "0",
                               "--dry-run"], check=True, capture_output=True, text=True).stdout
         return [line.split("--out ")[1] for line in out.splitlines() if "binding.py" in line]
-    assert plan() == ["results/binding/text.s0.json", "results/binding/text_hf_init.s0.json", "results/binding/discs.s0.json",
-                      "results/binding/world.s0.json", "results/binding/world_vision_lr1.s0.json"]
+    assert plan() == [f"results/binding/{cell}.s0.json" for cell in ("text", "text_hf_init", "text_no_image", "text_smollm2",
+                                                                      "discs", "world", "world_vision_lr1")]
     (world / "results" / "binding").mkdir(parents=True)
     (world / "results" / "binding" / "discs.s0.json").write_text("{}")
     assert "results/binding/discs.s0.json" not in plan()
