@@ -111,7 +111,7 @@ BINDING = dict(
     text_no_image=("--probe", "text", "--no-image"),  # the tiny language model alone
     # SmolLM2-135M pretrained (bash setup.sh --pretrained), alone: a short run at small batch and a fine-tuning lr
     text_smollm2=("--probe", "text", "--vlm", "smolvlm-256m-lm", "--no-image", "--batch", "8", "--lr", "1e-4",
-                  "--warmup", "10", "--steps", "300", "--eval-every", "25"),
+                  "--warmup", "10", "--steps", "100", "--eval-every", "20"),
     discs=("--probe", "discs", "--mix"),  # K flat discs, trained on 1 to K per image
     world=("--probe", "world"),  # the grounded world's marker questions (data/scenes)
     world_vision_lr1=("--probe", "world", "--vision-lr", "1"),  # the vision tower at the language model's rate
