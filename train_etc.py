@@ -21,7 +21,7 @@ import data, etc, model, scaffold
 class Config:
     etc_data: tuple[str, ...] = ("data/source", "data/scenes")  # datasets whose etc.jsonl to train on
     out: str = "out/stage1"  # output checkpoint folder
-    vlm: str = "tiny"  # the base VLM: "tiny" or a path / hub id
+    vlm: str = "tiny"  # the base VLM: "tiny", smolvlm-256m-lm (pretrained language), smolvlm-256m/-500m (random), or a folder
     steps: int = 1500  # optimiser steps
     batch: int = 32  # global batch of ETC records
     lr: float = 1e-3  # peak learning rate
