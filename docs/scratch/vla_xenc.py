@@ -2,10 +2,12 @@
 samples and wording) with its image tokens replaced by xpix.py's encoder: 16 px patches -> Linear + a learned
 per-token position (--enc xpix), the VLA's own vision tower and connector (--enc vla), or those followed by
 xpix's learned position (--enc vla_pos); the tower's pieces are flags (--patch, --shuffle, --vis_layers, --pos_std,
---post_ln 0: no post-LayerNorm, --conn_std: the connector's initial std, --fanin 1: tower and connector at std 1/sqrt(fan_in), --vis_lr: its learning rate as a fraction of --lr). Named: greedy x,
+--post_ln 0: no post-LayerNorm, --conn_std / --conv_std: the connector's / patch embedding's initial std,
+--fanin 1: tower and connector at std 1/sqrt(fan_in), --vis_lr: its learning rate as a fraction of --lr). Named: greedy x,
 then y given it (the colour word teacher-forced), nearest disc is the asked one (chance 1/3)."""
 import argparse, sys, time
-sys.path.insert(0, "/work/main"); sys.path.insert(0, "/work/main/experiments")
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]  # the repository
+sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "experiments"))
 import numpy as np, torch
 import binding, data, etc, model
 p = argparse.ArgumentParser()
@@ -16,6 +18,7 @@ p.add_argument("--vis_layers", type=int, default=-1); p.add_argument("--pos_std"
 p.add_argument("--patch", type=int, default=8); p.add_argument("--shuffle", type=int, default=2)
 p.add_argument("--post_ln", type=int, default=1); p.add_argument("--conn_std", type=float, default=0)
 p.add_argument("--vis_lr", type=float, default=1.0)
+p.add_argument("--conv_std", type=float, default=0)  # the patch embedding's initial std (transformers': 0.02)
 p.add_argument("--fanin", type=int, default=0)  # 1: every Linear / Conv2d of the tower and connector at std 1/sqrt(fan_in)
 a = p.parse_args()
 torch.set_num_threads(1); torch.manual_seed(a.seed)
@@ -41,6 +44,8 @@ if a.fanin:  # transformers initialises them all at std 0.02; a product of two s
     for mod in [*lm.model.vision_model.modules(), *lm.model.connector.modules()]:
         if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
             torch.nn.init.normal_(mod.weight, std=mod.weight[0].numel() ** -0.5)
+if a.conv_std:
+    torch.nn.init.normal_(lm.model.vision_model.embeddings.patch_embedding.weight, std=a.conv_std)
 if a.conn_std:  # the connector's initial scale (transformers': std 0.02, image tokens of norm ~3 against ~14 for text)
     torch.nn.init.normal_(lm.model.connector.modality_projection.proj.weight, std=a.conn_std)
 print("vision pos-emb std", lm.model.vision_model.embeddings.position_embedding.weight.std().item(), flush=True)

@@ -7,7 +7,7 @@ the palette index looked up, as xmodal). Score: column accuracy with the word te
 import argparse, json, sys, time
 import numpy as np, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))  # the repository
 import sim
 p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=1500); p.add_argument("--lr", type=float, default=1e-3)
