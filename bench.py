@@ -33,10 +33,9 @@ class Bench:
 def millions(m: torch.nn.Module) -> float:
     return sum(p.numel() for p in m.parameters()) / 1e6
 
-def pi0_peer(vla: model.VLA, image_size: int | None = None):
+def pi0_peer(vla: model.VLA):
     """transformers' PI0ForConditionalGeneration at about this VLA's size: the timed peer, and the
-    tests' check of our flow convention. SigLIP has no pixel shuffle, so at our patch size it sees
-    4x the image tokens of Idefics3 (64 at 64 px); image_size=32 matches our 16."""
+    tests' check of our flow convention. Like our tiny tower it has no pixel shuffle: as many image tokens."""
     from transformers import PI0Config, PI0ForConditionalGeneration
     c, tc = vla.cfg, vla.vlm.config.text_config
     vision = vla.vlm.config.vision_config
@@ -48,7 +47,7 @@ def pi0_peer(vla: model.VLA, image_size: int | None = None):
                                          num_key_value_heads=1, head_dim=head_dim, vocab_size=tc.vocab_size),
                         vision_config=dict(model_type="siglip_vision_model", hidden_size=vision.hidden_size,
                                            intermediate_size=vision.intermediate_size, patch_size=vision.patch_size,
-                                           image_size=image_size or vision.image_size, num_hidden_layers=vision.num_hidden_layers,
+                                           image_size=vision.image_size, num_hidden_layers=vision.num_hidden_layers,
                                            num_attention_heads=vision.num_attention_heads, vision_use_head=False)),
         dit_config=dict(model_type="gemma", hidden_size=c.expert_width, num_hidden_layers=tc.num_hidden_layers,
                         intermediate_size=2 * c.expert_mlp, num_attention_heads=c.expert_heads,
@@ -136,48 +135,39 @@ def interleaved_ms(fns: list, repeats: int) -> list[float]:
     return [1000 * float(np.median(t)) for t in times]
 
 def bench_model(cfg: Bench) -> list[str]:
-    """Our tiny VLA vs transformers' PI0 at matched size, same batch and prompt text, timed in
-    turns. The peer runs on our 64 px images (64 image tokens, no pixel shuffle) and on 32 px
-    (16, as ours); then where the step goes, against the 32 px peer."""
+    """Our tiny VLA vs transformers' PI0 at matched size (as many image tokens), same batch, images
+    and prompt text, timed in turns; then where the step goes."""
     vla, (B, reps) = tiny_vla(), ((2, 2) if cfg.quick else (cfg.batch, 3 * cfg.repeats))
     images, text = random_images(B), ["push the puck to the goal\n"] * B  # a typical instruction
     batch = observations(vla, images, text, torch.randn(B, 4), chunk=8)
     prompt = vla.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     one = {k: v[:1] for k, v in batch.items()}
     losses, samplers = [lambda: vla.loss(batch)["loss"]], [lambda n: vla.eval().sample(one, n)]
-    heads, peers = [f"ours ({batch['input_ids'].shape[1]} prefix tokens)"], []
-    for size in (64, 32):
-        peer = pi0_peer(vla, image_size=size)
-        vc = peer.config.vlm_config
-        ids = torch.cat([torch.full((B, (size // vc.vision_config.patch_size) ** 2), vc.image_token_id), prompt], 1)
-        pixels = torch.nn.functional.interpolate(model.pixels(vla.vlm, images)[:, 0], size=(size, size))[:, None]
-        pin = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                   pixel_attention_mask=torch.ones(B, 1, dtype=torch.bool), state=batch["proprio"])
-        pone = {k: v[:1] for k, v in pin.items()}
-        losses.append(lambda peer=peer, pin=pin: peer(actions=batch["actions"], **pin).loss)
-        samplers.append(lambda n, peer=peer, pone=pone: peer.eval().sample_actions(num_steps=n, **pone))
-        heads.append(f"PI0 {size} px ({ids.shape[1]} prefix tokens)")
-        peers.append(peer)
-    nets = [vla, *peers]
-    train = interleaved_ms([train_step(m.train(), f) for m, f in zip(nets, losses)], reps)
-    forward = interleaved_ms([losses[0], losses[2]], reps)  # the rest of a step: backward + AdamW
+    peer = pi0_peer(vla)
+    ids = torch.cat([torch.full((B, len(vla.image_ids)), peer.config.vlm_config.image_token_id), prompt], 1)
+    pin = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=model.pixels(vla.vlm, images),
+               pixel_attention_mask=torch.ones(B, 1, dtype=torch.bool), state=batch["proprio"])
+    pone = {k: v[:1] for k, v in pin.items()}
+    losses.append(lambda: peer(actions=batch["actions"], **pin).loss)
+    samplers.append(lambda n: peer.eval().sample_actions(num_steps=n, **pone))
+    heads = [f"ours ({batch['input_ids'].shape[1]} prefix tokens)", f"PI0 ({ids.shape[1]} prefix tokens)"]
+    train = interleaved_ms([train_step(m.train(), f) for m, f in zip((vla, peer), losses)], reps)
+    forward = interleaved_ms(losses, reps)  # the rest of a step: backward + AdamW
     with torch.no_grad():
         cols = list(zip(train, *(interleaved_ms([lambda f=f: f(k) for f in samplers], reps) for k in (10, 1))))
-    peer = peers[1]  # the 32 px peer: its language model sees as many image tokens as ours
     parts = [forward_ms(vla, dict(vision=vla.vlm.model.vision_model, text=vla.vlm.model.text_model, head=vla.expert), losses[0], reps),
-             forward_ms(peer, dict(vision=peer.model.vlm.vision_tower, text=peer.model.vlm.language_model, head=peer.model.dit), losses[2], reps)]
+             forward_ms(peer, dict(vision=peer.model.vlm.vision_tower, text=peer.model.vlm.language_model, head=peer.model.dit), losses[1], reps)]
     rows = [f"parameters: ours {millions(vla):.2f}M (VLM {millions(vla.vlm):.2f}M + expert {millions(vla.expert):.2f}M), "
             f"PI0 peer {millions(peer):.2f}M; torch threads {torch.get_num_threads()}; median of {reps} turns", "",
-            "| measure | " + " | ".join(heads) + " | ours / PI0 64 px | ours / PI0 32 px |", "|---|---|---|---|---|---|"]
+            "| measure | " + " | ".join(heads) + " | ours / PI0 |", "|---|---|---|---|"]
     for i, name in enumerate([f"train step, batch {B} (ms)", "sample 1 chunk, 10 steps (ms)", "sample 1 chunk, 1 step (ms)"]):
         v = [c[i] for c in cols]
-        rows.append(f"| {name} | " + " | ".join(f"{x:.1f}" for x in v) + f" | {v[0] / v[1]:.2f} | {v[0] / v[2]:.2f} |")
-    rows.append("| train samples/s | " + " | ".join(f"{1000 * B / c[0]:.0f}" for c in cols) + " | | |")
+        rows.append(f"| {name} | " + " | ".join(f"{x:.1f}" for x in v) + f" | {v[0] / v[1]:.2f} |")
+    rows.append("| train samples/s | " + " | ".join(f"{1000 * B / c[0]:.0f}" for c in cols) + " | |")
     vs = lambda k: " vs ".join(f"{p[k]:.1f}" for p in parts)  # noqa: E731
-    rows += ["", f"Where the step goes, ours vs PI0 32 px (ms): forward {forward[0]:.1f} vs {forward[1]:.1f}, backward + "
-             f"AdamW {train[0] - forward[0]:.1f} vs {train[2] - forward[1]:.1f}; within the forward, vision tower {vs('vision')}, "
-             f"language model {vs('text')}, action expert {vs('head')}. Idefics3's pixel shuffle folds 4 patches into one "
-             "token, so at matched tokens our vision tower encodes 4x the patches of SigLIP's (64 vs 16)."]
+    rows += ["", f"Where the step goes, ours vs PI0 (ms): forward {forward[0]:.1f} vs {forward[1]:.1f}, backward + "
+             f"AdamW {train[0] - forward[0]:.1f} vs {train[1] - forward[1]:.1f}; within the forward, vision tower {vs('vision')}, "
+             f"language model {vs('text')}, action expert {vs('head')}."]
     return rows
 
 def forward_ms(m: torch.nn.Module, parts: dict, fn, repeats: int) -> dict:

@@ -145,8 +145,8 @@ def collect(cfg: Collect) -> Path:
     """Collect, then write the dataset atomically: a temporary folder renamed into place."""
     tasks = [sim.check_task(t) for t in cfg.tasks]
     check_positive(episodes=cfg.episodes, workers=cfg.workers, max_steps=cfg.max_steps)
-    if cfg.image_size < 16 or (cfg.image_size // 8) % 2:  # the tiny VLM's size (it merges 2 x 2 patches of 8 px)
-        raise DataError(f"--image-size {cfg.image_size}: use a size with an even number of 8 px patches across, e.g. 64, 84 or 96")
+    if cfg.image_size < 16 or cfg.image_size % 16:  # the tiny VLM's size (one token per 16 px patch)
+        raise DataError(f"--image-size {cfg.image_size}: use a multiple of the tiny VLM's 16 px patch, e.g. 64 or 96")
     color = cfg.variation.color_word()  # validates the colours before any work
     for c in filter(None, [cfg.variation.table_color, *cfg.variation.all_marker_colors()]):
         sim.parse_color(c)

@@ -21,7 +21,7 @@ from typing import Literal
 import torch, torch.nn as nn, torch.nn.functional as F
 from safetensors.torch import load_model, save_file, save_model
 
-FORMAT = "bridgevla-vla-4"  # 4: numbers one token, N(0, 1) embeddings (3: the tokenizer adds <bos>; 2: the VLM config in config.json)
+FORMAT = "bridgevla-vla-5"  # 5: the tiny tower cut to its patch embedding (4: numbers one token; 3: <bos>; 2: VLM config)
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing or does not fit this code; the message names the fix."""
@@ -70,14 +70,19 @@ def tiny_tokenizer(n_action_tokens: int, corpus: list[str], vocab_size: int = 10
                                    eos_token="<eos>", additional_special_tokens=specials[3:])
 
 def tiny_vlm_config(vocab_size: int, image_token_id: int, image_size: int) -> dict:
-    """SmolVLM's architecture (Idefics3) at toy size: 64 px, patch 8, pixel shuffle 2 -> 16 tokens."""
-    return dict(model_type="idefics3", scale_factor=2, image_token_id=image_token_id,
-                vision_config=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=256, image_size=image_size, patch_size=8),
-                text_config=dict(model_type="llama", hidden_size=192, num_hidden_layers=4,
-                                 num_attention_heads=4, num_key_value_heads=4, intermediate_size=512,
-                                 vocab_size=vocab_size, max_position_embeddings=1024,
-                                 tie_word_embeddings=False))
+    """SmolVLM's architecture (Idefics3) at toy size, the vision tower cut to its patch embedding (16 px, no layer, no
+    pixel shuffle: 16 tokens at 64 px): as SmolVLM's at toy size it does not bind in 3,000 steps (docs/notes.md)."""
+    return dict(model_type="idefics3", scale_factor=1, image_token_id=image_token_id,
+                vision_config=dict(hidden_size=128, num_hidden_layers=0, num_attention_heads=4,
+                                   intermediate_size=256, image_size=image_size, patch_size=16),
+                text_config=dict(model_type="llama", hidden_size=192, num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=4, intermediate_size=512, vocab_size=vocab_size,
+                                 max_position_embeddings=1024, tie_word_embeddings=False))
+
+class Contiguous(nn.Module):
+    """The tiny tower's post-LayerNorm, dropped (with it discs are not even located); the shuffle .view()s its input."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous()
 
 # The published SmolVLM text towers (SmolLM2-135M and -360M); both share SigLIP base-patch16-512, pixel shuffle
 # 4 (64 image tokens per 512 px image), a 49,280-word vocabulary and untied embeddings: 256,484,928 and
@@ -109,6 +114,11 @@ def build_vlm(cfg: VLAConfig, vlm_config: dict | None, tokenizer, corpus: list[s
         # N(0, 1) as in PaLM: at transformers' 0.02 a token enters with norm ~0.3 against ~1 for what
         # each layer adds, so its identity drowns and in-context recall waits for thousands of steps
         nn.init.normal_(vlm.get_input_embeddings().weight, std=cfg.embed_std)
+        if cfg.vlm == "tiny":  # the tower's two maps at std 1/sqrt(fan_in) and the patch's place at std 1: at transformers'
+            emb = vlm.model.vision_model.embeddings  # 0.02 their product starts near 0, and binding sets in later (docs/notes.md)
+            for w in (emb.patch_embedding.weight, vlm.model.connector.modality_projection.proj.weight):
+                nn.init.normal_(w, std=w[0].numel() ** -0.5)
+            nn.init.normal_(emb.position_embedding.weight, std=1.0)
         return vlm, tokenizer
     if cfg.vlm == PRETRAINED_LM:
         vlm, tokenizer = smollm2_vlm()
@@ -339,6 +349,8 @@ class VLA(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vlm, self.tokenizer = build_vlm(cfg, vlm_config, tokenizer, list(corpus))
+        if cfg.vlm == "tiny":  # built or loaded
+            self.vlm.model.vision_model.post_layernorm = Contiguous()
         self.stats = stats or {}  # normalisation stats of the data the policy was trained on
         tc = self.vlm.config.text_config
         self.feed_layers = cfg.feed_layers or tuple(range(tc.num_hidden_layers))

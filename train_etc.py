@@ -25,7 +25,7 @@ class Config:
     steps: int = 1500  # optimiser steps
     batch: int = 32  # global batch of ETC records
     lr: float = 1e-3  # peak learning rate
-    vision_lr: float = 0.1  # the vision tower's learning rate as a fraction of --lr (binding learns faster: docs/notes.md)
+    vision_lr: float = 1.0  # the vision tower's learning rate as a fraction of --lr (at 0.1 the tiny tower does not bind: docs/notes.md)
     warmup: int = 100  # linear warm-up steps, then cosine to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01

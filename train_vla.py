@@ -38,7 +38,7 @@ class Config:
     steps: int | None = None  # optimiser steps (stage default)
     batch: int = 32  # global batch (ETC + action samples)
     lr: float | None = None  # peak learning rate (stage default)
-    vision_lr: float = 1.0  # the vision tower's learning rate as a fraction of --lr (train_etc.py's is 0.1)
+    vision_lr: float = 1.0  # the vision tower's learning rate as a fraction of --lr
     warmup: int = 100  # linear learning-rate warm-up steps, then cosine to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01

@@ -44,7 +44,7 @@ class Config:
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 100
-    vision_lr: float = 0.1  # the vision tower's learning rate, as a fraction of --lr (scaffold.param_groups)
+    vision_lr: float = 1.0  # the vision tower's learning rate, as a fraction of --lr (scaffold.param_groups)
     embed_std: float = 1.0  # a VLM built from scratch: std of its token embeddings (model.VLAConfig)
     eval_every: int = 250
     held: int = 200  # held-out samples asked at each evaluation

@@ -112,9 +112,9 @@ BINDING = dict(
     # SmolLM2-135M pretrained (bash setup.sh --pretrained), alone: a short run at small batch and a fine-tuning lr
     text_smollm2=("--probe", "text", "--vlm", "smolvlm-256m-lm", "--no-image", "--batch", "8", "--lr", "1e-4",
                   "--warmup", "10", "--steps", "100", "--eval-every", "20"),
-    discs=("--probe", "discs", "--mix"),  # K flat discs, trained on 1 to K per image
+    discs=("--probe", "discs"),  # K flat discs
     world=("--probe", "world"),  # the grounded world's marker questions (data/scenes)
-    world_vision_lr1=("--probe", "world", "--vision-lr", "1"),  # the vision tower at the language model's rate
+    discs_vision_lr01=("--probe", "discs", "--vision-lr", "0.1"),  # the vision tower at a tenth of the rate
 )
 PARENT_FLAG = {"train_vla.py": "--init", "distill_sdm.py": "--teacher"}
 DONE: set[Path] = set()  # runs trained in this sitting

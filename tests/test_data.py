@@ -175,8 +175,8 @@ def test_frame_every_keeps_every_nth_step_of_the_same_rollout_and_its_etc(tmp_pa
 def test_bad_inputs_give_one_clear_error_and_keep_what_is_on_disk(tmp_path, dataset_path):
     with pytest.raises(data.DataError, match="no dataset at"):
         data.Dataset(tmp_path / "missing")
-    with pytest.raises(data.DataError, match="--image-size 84"):
-        data.Dataset(dataset_path, image_size=84)
+    with pytest.raises(data.DataError, match="--image-size 96"):
+        data.Dataset(dataset_path, image_size=96)
     # an existing dataset is never replaced without --overwrite
     before = (dataset_path / "meta.json").read_bytes()
     with pytest.raises(data.DataError, match="--overwrite"):

@@ -17,7 +17,7 @@ p.add_argument("--nopos", type=int, default=0); p.add_argument("--lr", type=floa
 p.add_argument("--vis_layers", type=int, default=-1); p.add_argument("--pos_std", type=float, default=0)
 p.add_argument("--patch", type=int, default=8); p.add_argument("--shuffle", type=int, default=2)
 p.add_argument("--post_ln", type=int, default=1); p.add_argument("--conn_std", type=float, default=0)
-p.add_argument("--vis_lr", type=float, default=1.0)
+p.add_argument("--vis_lr", type=float, default=1.0); p.add_argument("--k", type=int, default=3)  # discs per image
 p.add_argument("--conv_std", type=float, default=0)  # the patch embedding's initial std (transformers': 0.02)
 p.add_argument("--fanin", type=int, default=0)  # 1: every Linear / Conv2d of the tower and connector at std 1/sqrt(fan_in)
 a = p.parse_args()
@@ -71,7 +71,7 @@ def logits(batch):
     e[batch["input_ids"] == img_id] = (enc(x) + (0 if a.nopos else pos)).reshape(-1, 192)
     return lm(inputs_embeds=e, attention_mask=batch["attention_mask"]).logits
 def draw(rng, n):
-    return [binding.disc_sample(cfg, rng, 3) for _ in range(n)]
+    return [binding.disc_sample(cfg, rng, a.k) for _ in range(n)]
 held = draw(np.random.default_rng([a.seed, 1]), 300)
 hb = data.collate([s for s, _, _ in held], tok, vla.image_ids)
 t0 = time.time()
@@ -88,6 +88,7 @@ for step in range(1, a.steps + 1):
             x = lg[r, first, :][:, nums].argmax(-1)
             ids2 = hb["input_ids"].clone(); ids2[r, first + 1] = nums[x]
             y = logits({**hb, "input_ids": ids2})[r, first + 1, :][:, nums].argmax(-1)
-            named = np.mean([np.linalg.norm(pl - np.array([xx, yy]), axis=1).argmin() == q
-                             for (_, pl, q), xx, yy in zip(held, x.tolist(), y.tolist())])
-        print(step, f"named {named:.3f} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
+            d = [np.linalg.norm(pl - np.array([xx, yy]), axis=1) for (_, pl, _), xx, yy in zip(held, x.tolist(), y.tolist())]
+            named = np.mean([di.argmin() == q for di, (_, _, q) in zip(d, held)])
+            px4 = np.mean([di[q] <= 4 for di, (_, _, q) in zip(d, held)])  # within 4 px of the asked disc
+        print(step, f"named {named:.3f} px4 {px4:.3f} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
