@@ -113,8 +113,11 @@ BINDING = dict(
     text_smollm2=("--probe", "text", "--vlm", "smolvlm-256m-lm", "--no-image", "--batch", "8", "--lr", "1e-4",
                   "--warmup", "10", "--steps", "100", "--eval-every", "20"),
     discs=("--probe", "discs"),  # K flat discs
-    world=("--probe", "world"),  # the grounded world's marker questions (data/scenes)
     discs_vision_lr01=("--probe", "discs", "--vision-lr", "0.1"),  # the vision tower at a tenth of the rate
+    world=("--probe", "world"),  # the grounded world's marker questions (data/scenes: 540 training layouts)
+    # three times the layouts: data/scenes_more is `data.py collect --out data/scenes_more --episodes 600 --seed 1`
+    # with pipeline.sh's scenes flags, then `etc.py --data data/scenes_more` (1,620 training layouts)
+    world_1620=("--probe", "world", "--data", "data/scenes", "data/scenes_more"),
 )
 PARENT_FLAG = {"train_vla.py": "--init", "distill_sdm.py": "--teacher"}
 DONE: set[Path] = set()  # runs trained in this sitting

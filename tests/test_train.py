@@ -37,7 +37,7 @@ def stage2(etc_path, init, out, **kw):
 @pytest.fixture(scope="module")
 def stage1_ckpt(etc_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("s1") / "stage1"
-    stage1(etc_path, out)
+    stage1(etc_path, out, vision_lr=0.1)  # a vision rate of its own (the default is 1), to tell the groups apart
     return out
 
 
