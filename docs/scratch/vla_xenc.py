@@ -4,7 +4,10 @@ per-token position (--enc xpix), the VLA's own vision tower and connector (--enc
 xpix's learned position (--enc vla_pos); the tower's pieces are flags (--patch, --shuffle, --vis_layers, --pos_std,
 --post_ln 0: no post-LayerNorm, --conn_std / --conv_std: the connector's / patch embedding's initial std,
 --fanin 1: tower and connector at std 1/sqrt(fan_in), --vis_lr: its learning rate as a fraction of --lr). Named: greedy x,
-then y given it (the colour word teacher-forced), nearest disc is the asked one (chance 1/3)."""
+then y given it (the colour word teacher-forced), nearest disc is the asked one (chance 1/3).
+The flags rebuild the tower as the notes' rows ran it, whatever model.py's tiny default is now (from 9dd63f5 the cut
+tower at fan-in scale): by default the tower as built before it (8 px, shuffle 2, 2 layers, post-LayerNorm, every map and
+the position at transformers' std 0.02). The random streams are not those of the rows' own runs."""
 import argparse, sys, time
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]  # the repository
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "experiments"))
@@ -12,9 +15,10 @@ import numpy as np, torch
 import binding, data, etc, model
 p = argparse.ArgumentParser()
 p.add_argument("--enc", default="xpix"); p.add_argument("--steps", type=int, default=2000)
+p.add_argument("--vis_layers", type=int, default=2)
 p.add_argument("--every", type=int, default=250); p.add_argument("--seed", type=int, default=0)
 p.add_argument("--nopos", type=int, default=0); p.add_argument("--lr", type=float, default=1e-3)
-p.add_argument("--vis_layers", type=int, default=-1); p.add_argument("--pos_std", type=float, default=0)
+p.add_argument("--pos_std", type=float, default=0.02)
 p.add_argument("--patch", type=int, default=8); p.add_argument("--shuffle", type=int, default=2)
 p.add_argument("--post_ln", type=int, default=1); p.add_argument("--conn_std", type=float, default=0)
 p.add_argument("--vis_lr", type=float, default=1.0); p.add_argument("--k", type=int, default=3)  # discs per image
@@ -26,24 +30,19 @@ cfg = binding.Config(probe="discs")
 _orig = model.tiny_vlm_config
 def _tower(*x, **k):  # the tiny vision tower with the flags' layers, patch and pixel shuffle
     c = _orig(*x, **k); c["scale_factor"] = a.shuffle; c["vision_config"]["patch_size"] = a.patch
-    if a.vis_layers >= 0:
-        c["vision_config"]["num_hidden_layers"] = a.vis_layers
+    c["vision_config"]["num_hidden_layers"] = a.vis_layers
     return c
 model.tiny_vlm_config = _tower
 vla = model.VLA(model.VLAConfig(), corpus=etc.corpus() + [etc.prompt(f"where is the {w} disc?") for w in binding.COLORS])
 tok, lm = vla.tokenizer, vla.vlm
-if a.pos_std:  # SigLIP's position embedding, larger (transformers' init: std ~0.02 against patch features ~1)
-    torch.nn.init.normal_(lm.model.vision_model.embeddings.position_embedding.weight, std=a.pos_std)
-if not a.post_ln:
-    class Contiguous(torch.nn.Module):  # the pixel shuffle views its input: the encoder's output needs it contiguous
-        def forward(self, x):
-            return x.contiguous()
-    lm.model.vision_model.post_layernorm = Contiguous()
+# SigLIP's position embedding (transformers' init: std ~0.02 against patch features ~1)
+torch.nn.init.normal_(lm.model.vision_model.embeddings.position_embedding.weight, std=a.pos_std)
+if a.post_ln:  # model.VLA drops it from the tiny tower; put SigLIP's back
+    lm.model.vision_model.post_layernorm = torch.nn.LayerNorm(128, eps=lm.config.vision_config.layer_norm_eps)
 assert len(vla.image_ids) == 16, vla.image_ids
-if a.fanin:  # transformers initialises them all at std 0.02; a product of two such maps starts near its saddle at 0
-    for mod in [*lm.model.vision_model.modules(), *lm.model.connector.modules()]:
-        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
-            torch.nn.init.normal_(mod.weight, std=mod.weight[0].numel() ** -0.5)
+for mod in [*lm.model.vision_model.modules(), *lm.model.connector.modules()]:  # transformers' std 0.02, or fan-in
+    if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+        torch.nn.init.normal_(mod.weight, std=mod.weight[0].numel() ** -0.5 if a.fanin else 0.02)
 if a.conv_std:
     torch.nn.init.normal_(lm.model.vision_model.embeddings.patch_embedding.weight, std=a.conv_std)
 if a.conn_std:  # the connector's initial scale (transformers': std 0.02, image tokens of norm ~3 against ~14 for text)
