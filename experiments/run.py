@@ -114,6 +114,7 @@ BINDING = dict(
                   "--warmup", "10", "--steps", "100", "--eval-every", "20"),
     discs=("--probe", "discs"),  # K flat discs
     discs_vision_lr01=("--probe", "discs", "--vision-lr", "0.1"),  # the vision tower at a tenth of the rate
+    discs_vision_lr3=("--probe", "discs", "--vision-lr", "3"),  # and at three times it
     world=("--probe", "world"),  # the grounded world's marker questions (data/scenes: 540 training layouts)
     # three times the layouts: data/scenes_more is `data.py collect --out data/scenes_more --episodes 600 --seed 1`
     # with pipeline.sh's scenes flags, then `etc.py --data data/scenes_more` (1,620 training layouts)
