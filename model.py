@@ -114,8 +114,9 @@ def build_vlm(cfg: VLAConfig, vlm_config: dict | None, tokenizer, corpus: list[s
         # N(0, 1) as in PaLM: at transformers' 0.02 a token enters with norm ~0.3 against ~1 for what
         # each layer adds, so its identity drowns and in-context recall waits for thousands of steps
         nn.init.normal_(vlm.get_input_embeddings().weight, std=cfg.embed_std)
-        if cfg.vlm == "tiny":  # the tower's two maps at std 1/sqrt(fan_in) and the patch's place at std 1: at transformers'
-            emb = vlm.model.vision_model.embeddings  # 0.02 their product starts near 0, and binding sets in later (docs/notes.md)
+        if cfg.vlm == "tiny":  # the tower's two maps at std 1/sqrt(fan_in), the patch's place at std 1 (at transformers'
+            # 0.02 the two maps' product starts near 0, and binding sets in later: docs/notes.md)
+            emb = vlm.model.vision_model.embeddings
             for w in (emb.patch_embedding.weight, vlm.model.connector.modality_projection.proj.weight):
                 nn.init.normal_(w, std=w[0].numel() ** -0.5)
             nn.init.normal_(emb.position_embedding.weight, std=1.0)

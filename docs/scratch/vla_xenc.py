@@ -38,7 +38,7 @@ tok, lm = vla.tokenizer, vla.vlm
 # SigLIP's position embedding (transformers' init: std ~0.02 against patch features ~1)
 torch.nn.init.normal_(lm.model.vision_model.embeddings.position_embedding.weight, std=a.pos_std)
 if a.post_ln:  # model.VLA drops it from the tiny tower; put SigLIP's back
-    lm.model.vision_model.post_layernorm = torch.nn.LayerNorm(128, eps=lm.config.vision_config.layer_norm_eps)
+    lm.model.vision_model.post_layernorm = torch.nn.LayerNorm(lm.config.vision_config.hidden_size, eps=lm.config.vision_config.layer_norm_eps)
 assert len(vla.image_ids) == 16, vla.image_ids
 for mod in [*lm.model.vision_model.modules(), *lm.model.connector.modules()]:  # transformers' std 0.02, or fan-in
     if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
