@@ -29,6 +29,7 @@ class Bench:
     size: str = "tiny"  # a --vlm preset (smolvlm-256m, smolvlm-500m) or VLM folder: time that size only
     device: str = "auto"  # real size: auto (CUDA if present) | cpu | cuda
     dtype: str = "auto"  # real size: bf16 autocast; auto = on CUDA only
+    compile: bool = False  # real size: also time inference through VLA.compile_inference (CUDA graphs on a GPU), beside eager
 
 def millions(m: torch.nn.Module) -> float:
     return sum(p.numel() for p in m.parameters()) / 1e6
@@ -268,20 +269,34 @@ def bench_real(cfg: Bench) -> list[str]:
             f"{one['input_ids'].shape[1]} prefix tokens ({vla.image_ids.count(vla.vlm.config.image_token_id)} image); "
             f"{proc.device}{' ' + torch.cuda.get_device_name() if proc.cuda else f', {torch.get_num_threads()} threads'}, "
             f"{'bf16 autocast' if bf16 else 'fp32'}; median of {lat_reps} (latency) and {reps} (training) timed runs after a warm-up",
-            "", "| per chunk, batch 1 | ms |", "|---|---|"]
+            ""]
     vla.eval()
     with torch.no_grad(), cast():
-        prefix = vla.prefix(one)
-        projected = vla.expert.project(prefix)
         z = torch.randn(1, vla.cfg.chunk, vla.cfg.action_dim, device=proc.device)
-        lat = {"VLM prefix pass": median_ms(lambda: vla.prefix(one), lat_reps),
-               "head, 10 Euler steps": median_ms(lambda: model.euler(lambda x, t: vla.expert(x, t, projected), z, 10), lat_reps),
-               "head, 1 step": median_ms(lambda: model.euler(lambda x, t: vla.expert(x, t, projected), z, 1), lat_reps),
-               "end to end, teacher (10 steps)": median_ms(lambda: vla.sample(scaffold.to(observations(vla, image, text, proprio), proc.device), 10), lat_reps),
-               "end to end, one-step student": median_ms(lambda: vla.sample(scaffold.to(observations(vla, image, text, proprio), proc.device), 1), lat_reps),
-               "floor: 1 prefix pass + 1 expert pass": median_ms(lambda: vla.denoise(z, torch.ones(1, device=proc.device), vla.prefix(one)), lat_reps)}
-    rows += [f"| {k} | {v:.1f} |" for k, v in lat.items()]
-    rows.append(f"| one-step speed-up end to end (teacher / student) | {lat['end to end, teacher (10 steps)'] / lat['end to end, one-step student']:.2f}x |")
+        fresh = lambda: scaffold.to(observations(vla, image, text, proprio), proc.device)  # noqa: E731  (tokenising included)
+
+        def calls(observe, step, padded):  # the rows' calls in the order timed, through the eager modules or the compiled ones
+            projected = observe(padded)  # the head rows come first: a CUDA graph's next replay overwrites its outputs
+            head = lambda n: model.euler(lambda x, t: step(x, t, projected), z, n)  # noqa: E731
+            return {"head, 10 Euler steps": lambda: head(10), "head, 1 step": lambda: head(1),
+                    "observation: VLM prefix pass + the expert's KV projection": lambda: observe(padded),
+                    "end to end, teacher (10 steps)": lambda: vla.sample(fresh(), 10),
+                    "end to end, one-step student": lambda: vla.sample(fresh(), 1),
+                    "floor: 1 observation + 1 expert step": lambda: step(z, torch.ones(1, device=proc.device), observe(padded))}
+        lat = {k: [median_ms(f, lat_reps)] for k, f in calls(lambda b: vla.expert.project(vla.prefix(b)), vla.expert, one).items()}
+        if cfg.compile:  # the same calls compiled; the warm-up call of each shape compiles (and captures)
+            vla.compile_inference()
+            for k, f in calls(*vla.compiled, model.pad_prompt(one, model.PROMPT_BUCKET)).items():
+                lat[k].append(median_ms(f, lat_reps))
+            vla.compiled = None  # training below is eager
+    e2e = lambda i: lat["end to end, teacher (10 steps)"][i] / lat["end to end, one-step student"][i]  # noqa: E731
+    if cfg.compile:
+        rows += ["| per chunk, batch 1 | eager (ms) | compiled (ms) | speed-up |", "|---|---|---|---|"]
+        rows += [f"| {k} | {a:.1f} | {b:.1f} | {a / b:.1f}x |" for k, (a, b) in lat.items()]
+        rows.append(f"| one-step speed-up end to end (teacher / student) | {e2e(0):.2f}x | {e2e(1):.2f}x | |")
+    else:
+        rows += ["| per chunk, batch 1 | ms |", "|---|---|", *(f"| {k} | {a:.1f} |" for k, (a,) in lat.items()),
+                 f"| one-step speed-up end to end (teacher / student) | {e2e(0):.2f}x |"]
     x = 512 if cfg.quick else (8192 if proc.cuda else 2048)  # a GPU reaches its peak only on large products
     a, b = torch.randn(x, x, device=proc.device), torch.randn(x, x, device=proc.device)
     with cast():
@@ -296,7 +311,7 @@ def bench_real(cfg: Bench) -> list[str]:
                                            vlm_config=vla.vlm.config.to_dict())
         m.load_state_dict(vla.state_dict())
         m.to(proc.device).train()
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
+        opt = scaffold.adamw(m.parameters(), proc, lr=1e-5)
 
         def step():
             with cast():

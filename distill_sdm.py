@@ -218,9 +218,9 @@ def main(cfg: Config):
     ema = student.expert if cfg.ema else None  # an EMA of G is saved instead of it (CD: the target network)
     fake = copy.deepcopy(real).requires_grad_(True)  # SDM's unfrozen teacher
     gan = GanHead(fake, teacher.cfg.expert_width).to(device) if cfg.gan_weight else None
-    opt_g = torch.optim.AdamW(gen.parameters(), lr=cfg.lr, betas=(0.95, 0.999), weight_decay=1e-6)  # SDM's settings
-    opt_f = torch.optim.AdamW(list(fake.parameters()) + (list(gan.parameters()) if gan else []),
-                              lr=cfg.lr, betas=(0.95, 0.999), weight_decay=1e-6)
+    opt_g = scaffold.adamw(gen.parameters(), proc, lr=cfg.lr, betas=(0.95, 0.999), weight_decay=1e-6)  # SDM's settings
+    opt_f = scaffold.adamw(list(fake.parameters()) + (list(gan.parameters()) if gan else []), proc,
+                           lr=cfg.lr, betas=(0.95, 0.999), weight_decay=1e-6)
     states = dict(generator=gen, fake=fake, opt_g=opt_g, opt_f=opt_f)  # what train_state.pt keeps, by name
     states.update({k: v for k, v in (("ema", ema), ("gan", gan)) if v is not None})
     start = scaffold.load_state(out, **states) if cfg.resume else 0

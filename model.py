@@ -369,6 +369,8 @@ class VLA(nn.Module):
             vision = self.vlm.model.vision_model  # newer transformers name it activation_checkpointing_enable
             (getattr(vision, "activation_checkpointing_enable", None) or vision.gradient_checkpointing_enable)(dict(use_reentrant=False))
 
+        self.compiled = None  # (observe, step) once compile_inference() has run
+
     device = property(lambda self: next(self.parameters()).device)
 
     def prefix(self, batch: dict, insulate: bool = False) -> dict:
@@ -426,9 +428,22 @@ class VLA(nn.Module):
         if self.cfg.head == "tokens":
             ids = greedy(self.vlm, batch, H * D, -1, self.tokenizer.pad_token_id, (self.act0, self.act0 + self.cfg.bins))
             return from_bins(ids - self.act0, self.cfg.bins, self.cfg.token_range).view(B, H, D)
-        projected = self.expert.project(self.prefix(batch))
+        observe, step = self.compiled or (lambda b: self.expert.project(self.prefix(b)), self.expert)
+        projected = observe(pad_prompt(batch, PROMPT_BUCKET) if self.compiled else batch)
         x1 = noise.to(self.device) if noise is not None else torch.randn(B, H, D, device=self.device)
-        return euler(lambda x, t: self.expert(x, t, projected), x1, num_steps or self.cfg.steps)
+        return euler(lambda x, t: step(x, t, projected), x1, num_steps or self.cfg.steps)
+
+    def compile_inference(self, mode: str = "reduce-overhead") -> "VLA":
+        """The switch for inference without launch overhead (sample; eval.py and bench.py --compile):
+        the observation (VLM prefix pass + the expert's projection of its KV, once per observation)
+        and one expert step, each compiled by torch.compile; on CUDA, mode "reduce-overhead" also
+        captures each as a CUDA graph that a call replays in one launch. Shapes are static: one
+        graph per batch size and prompt-length bucket (prompts right-padded to PROMPT_BUCKET tokens,
+        masked, so the actions do not change). The first call of each shape compiles (a minute);
+        eager stays the default (a CPU has no launch overhead to remove: docs/gpu.md). Returns self."""
+        self.compiled = (torch.compile(lambda b: self.expert.project(self.prefix(b)), mode=mode, dynamic=False),
+                         torch.compile(self.expert, mode=mode, dynamic=False))
+        return self
 
     def save(self, path: str | Path, train_state: dict | None = None, provenance: dict | None = None,
              weights: dict | None = None):
@@ -453,6 +468,16 @@ class VLA(nn.Module):
         tmp.rename(path)  # the old folder goes only once the new one is complete
         if old:
             shutil.rmtree(old)
+
+PROMPT_BUCKET = 32  # compiled inference: prompt lengths rounded up to a multiple of this (a graph per bucket)
+
+def pad_prompt(batch: dict, bucket: int) -> dict:
+    """Right-pad input_ids and attention_mask to a multiple of `bucket` tokens. The prompt is causal
+    and the expert reads only masked-in prefix tokens, so the padding changes no action."""
+    L = batch["input_ids"].shape[1]
+    extra = -L % bucket
+    return {**batch, "input_ids": F.pad(batch["input_ids"], (0, extra)),  # token 0, masked out like collate's padding
+            "attention_mask": F.pad(batch["attention_mask"], (0, extra))}
 
 def with_action_tokens(vla: "VLA", batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens head's (logits, labels): each chunk's action tokens (+ eos) placed right

@@ -22,6 +22,18 @@ if ! ldconfig -p | grep -q "libEGL_mesa.so.0" || ! ls /usr/lib/*/dri/swrast_dri.
   fi
 fi
 
+# torch.compile (VLA.compile_inference, and its test) builds C++ on a CPU: a compiler and Python's headers.
+PYH=$($PY -c "import sysconfig; print(sysconfig.get_paths()['include'])")/Python.h
+if ! command -v g++ >/dev/null || [ ! -f "$PYH" ]; then
+  if command -v apt-get >/dev/null; then
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq g++ python3-dev
+  else
+    echo "setup.sh: install a C++ compiler (g++) and Python's headers with your package manager" >&2
+    exit 1
+  fi
+fi
+
 # torch first, pinned, so that nothing below pulls a CUDA build.
 $PY -c "import torch" 2>/dev/null || $PY -m pip install -q torch==2.13.0
 $PY -m pip install -q -r requirements.txt

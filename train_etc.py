@@ -64,7 +64,7 @@ def main(cfg: Config):
                            data.Ramp("constant", 1.0, 1.0), dict.fromkeys(cfg.levels, 1.0), cfg.seed,
                            cfg.kind_weights)
     params = scaffold.param_groups(vla, cfg.vision_lr, skip="expert.")  # stage 1 trains no action expert
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = scaffold.adamw(params, proc, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     start = scaffold.load_state(out, net, optimizer=opt) if cfg.resume else 0
     log = scaffold.open_log(out, cfg.resume, proc)
     prov = scaffold.provenance("train_etc.py", cfg, None, 0, stage=1, datasets=dict(etc=list(cfg.etc_data)),

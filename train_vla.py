@@ -121,7 +121,7 @@ def main(cfg: Config):
     batches = data.Batches(etc.Samples(train), etc.GoalSteps(actions) if vla.cfg.goal_step else actions, vla.tokenizer,
                            vla.image_ids, cfg.batch, data.Ramp("cosine", cfg.etc_start, cfg.etc_end, cfg.steps),
                            dict.fromkeys(cfg.levels, 1.0), cfg.seed, cfg.kind_weights)
-    opt = torch.optim.AdamW(scaffold.param_groups(vla, cfg.vision_lr), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = scaffold.adamw(scaffold.param_groups(vla, cfg.vision_lr), proc, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     start = scaffold.load_state(out, net, optimizer=opt) if cfg.resume else 0
     action_weight = data.Ramp("cosine", cfg.action_weight_start, cfg.action_weight_end, cfg.steps)
     log = scaffold.open_log(out, cfg.resume, proc)
