@@ -32,6 +32,8 @@ class Config:
     clip: float = 1.0  # gradient-norm clipping
     levels: tuple[str, ...] = etc.LEVELS  # ETC levels used
     kind_weights: dict[str, float] = field(default_factory=dict)  # e.g. --kind-weights marker 8: that kind's records 8x as likely in its level
+    first_kinds: tuple[str, ...] = ()  # a curriculum: the first --first-steps draw only these kinds (marker: colour words bound to places first)
+    first_steps: int = 0
     freeze_vision: bool = False  # freeze the vision tower (ablation)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # bf16 autocast; auto: on CUDA only
     grad_checkpoint: bool = False  # recompute activations in backward (vision tower, expert): memory for time
@@ -52,6 +54,9 @@ def main(cfg: Config):
     if len(sizes) > 1:
         raise data.DataError(f"the ETC datasets mix image sizes {sorted(sizes)}; collect them at one --image-size")
     etc.check_kinds(cfg.kind_weights, "--kind-weights")
+    etc.check_kinds(cfg.first_kinds, "--first-kinds")
+    if bool(cfg.first_kinds) != bool(cfg.first_steps):
+        raise data.DataError("a first phase needs both --first-kinds (e.g. marker) and --first-steps (e.g. 1500)")
     torch.manual_seed(cfg.seed)
     vla = model.load(out, grad_checkpoint=cfg.grad_checkpoint).train() if cfg.resume else model.VLA(
         model.VLAConfig(vlm=cfg.vlm, image_size=sizes.pop(), freeze_vision=cfg.freeze_vision, grad_checkpoint=cfg.grad_checkpoint),
@@ -60,15 +65,19 @@ def main(cfg: Config):
     net = scaffold.wrap(vla, proc, cfg.fsdp)
     train, held = etc.load(cfg.etc_data, cfg.levels, cfg.holdout)
     probe = [item for h in held for item in h[::7][:300]]  # a fixed spread of held-out records
-    batches = data.Batches(etc.Samples(train), None, vla.tokenizer, vla.image_ids, cfg.batch,
-                           data.Ramp("constant", 1.0, 1.0), dict.fromkeys(cfg.levels, 1.0), cfg.seed,
+    samples, whole = etc.Samples(train), data.Ramp("constant", 1.0, 1.0)  # ETC only: the whole batch
+    batches = data.Batches(samples, None, vla.tokenizer, vla.image_ids, cfg.batch, whole, dict.fromkeys(cfg.levels, 1.0), cfg.seed,
                            cfg.kind_weights)
+    first = data.Batches(samples, None, vla.tokenizer, vla.image_ids, cfg.batch, whole,  # the first phase's kinds alone
+                         {lv: 1.0 for lv, k in zip(samples.levels, samples.kinds) if k in cfg.first_kinds}, cfg.seed,
+                         {k: float(k in cfg.first_kinds) for k in etc.KINDS}) if cfg.first_steps else None
     params = scaffold.param_groups(vla, cfg.vision_lr, skip="expert.")  # stage 1 trains no action expert
     opt = scaffold.adamw(params, proc, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     start = scaffold.load_state(out, net, optimizer=opt) if cfg.resume else 0
     log = scaffold.open_log(out, cfg.resume, proc)
     prov = scaffold.provenance("train_etc.py", cfg, None, 0, stage=1, datasets=dict(etc=list(cfg.etc_data)),
-                               etc_mix=dict(levels=list(cfg.levels), kind_weights=cfg.kind_weights, fraction=1.0))
+                               etc_mix=dict(levels=list(cfg.levels), kind_weights=cfg.kind_weights, fraction=1.0,
+                                           first_kinds=list(cfg.first_kinds), first_steps=cfg.first_steps))
 
     save = partial(scaffold.save, vla, out, cfg, prov, proc, optimizer=opt)  # save(step)
 
@@ -77,7 +86,7 @@ def main(cfg: Config):
         for step in range(start, cfg.steps):
             lr = scaffold.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
             scaffold.set_lr(opt, lr)
-            batch, _, _ = batches(step, proc.rank, proc.world_size)
+            batch, _, _ = (first if step < cfg.first_steps else batches)(step, proc.rank, proc.world_size)
             with scaffold.autocast(proc, cfg.dtype):
                 terms = net(etc=scaffold.to(batch, proc.device))
             loss, logs = model.global_loss(terms, {"lm": 1.0}, proc.world_size)

@@ -84,6 +84,7 @@ CASES = [  # (script, arguments with {w} for the folder, what the one line must 
     ("train_etc.py", "--etc-data {w}/ds --out {w}/stage1", "{w}/stage1 exists; pass --resume to continue it, --overwrite"),
     ("train_etc.py", "--etc-data {w}/ds --out {w}/fresh --resume", "nothing to resume at {w}/fresh"),
     ("train_etc.py", "--etc-data {w}/ds --out {w}/new --kind-weights markers 8", "--kind-weights markers: the kinds are point box"),
+    ("train_etc.py", "--etc-data {w}/ds --out {w}/new --first-kinds marker", "a first phase needs both --first-kinds"),
     ("train_vla.py", "--stage 3 --init {w}/none --action-data {w}/ds --etc-data {w}/ds --out {w}/new",
      "run stage 2 first (`python train_vla.py --stage 2`)"),
     ("train_vla.py", "--stage 3 --init {w}/stage1 --action-data {w}/ds --etc-data {w}/ds --out {w}/new",

@@ -52,6 +52,15 @@ def test_stage1_writes_a_loadable_checkpoint_and_etc_accuracy(stage1_ckpt):
     assert vla.cfg.head == "flow"
 
 
+def test_a_first_phase_draws_only_its_kinds(etc_path, tmp_path, monkeypatch):
+    """--first-kinds point --first-steps 2: steps 0 and 1 train on that kind alone, step 2 on the mixture."""
+    drawn, real = [], etc.Samples.__call__
+    monkeypatch.setattr(etc.Samples, "__call__", lambda self, j: drawn.append(self.kinds[j]) or real(self, j))
+    stage1(etc_path, tmp_path / "stage1", first_kinds=("point",), first_steps=2)
+    assert len(drawn) == 12 and set(drawn[:8]) == {"point"} and set(drawn[8:]) != {"point"}  # batch 4, 3 steps
+    assert model.read_config(tmp_path / "stage1")["provenance"]["etc_mix"]["first_kinds"] == ["point"]
+
+
 def test_stages_2_and_3_chain_and_evaluate_closed_loop(etc_path, stage1_ckpt, tmp_path, monkeypatch):
     stage2(etc_path, stage1_ckpt, tmp_path / "stage2")
     s1, s2 = model.load(stage1_ckpt), model.load(tmp_path / "stage2")
