@@ -17,7 +17,8 @@ asked one (chance 1/K), `px4` how often the answer lies within 4 px of it. Writt
 (the world probe also records "layouts": how many training and held-out scenes the curve comes from)
 
 Any VLM goes through it (--vlm: a preset or a checkpoint folder); ablations are flags (--embed-std
-0.02 is transformers' own initialisation, --vision-lr 0.1 trains the vision tower at a tenth of the rate).
+0.02 is transformers' own initialisation, --vision-lr 0.1 trains the vision tower at a tenth of the rate, --one-first 1000 shows one disc per image for the
+first 1,000 steps: locating before naming).
 """
 import json, re, sys, time
 from dataclasses import asdict, dataclass
@@ -39,6 +40,7 @@ class Config:
     image: bool = True  # text: --no-image leaves the image out, the language model alone (a real-size vision tower is most of a step)
     markers: int = 3  # K places per sample (text, discs)
     mix: bool = False  # train on 1 to K discs per sample (a single disc teaches locating); held-out samples have K
+    one_first: int = 0  # discs: the first N steps train on one disc per image (locating alone, a curriculum phase), then K
     radius: float = 4.5  # disc radius in pixels (a grounded-world marker is ~9 px wide at 64 px)
     steps: int = 3000
     batch: int = 32
@@ -105,17 +107,18 @@ class World:
 
 
 def sampler(cfg: Config):
-    """(train(rng) -> sample, held-out samples, what to record of the data) of the probe."""
+    """(train(rng, step) -> sample, held-out samples, what to record of the data) of the probe."""
     if cfg.probe == "world":
         world = World(cfg.data, cfg.holdout)
         held = [world.sample(world.held[i]) for i in np.linspace(0, len(world.held) - 1, cfg.held).astype(int)]
-        return lambda rng: world.sample(world.train[rng.integers(len(world.train))]), held, dict(layouts=world.layouts)
+        return lambda rng, step: world.sample(world.train[rng.integers(len(world.train))]), held, dict(layouts=world.layouts)
+    held = np.random.default_rng([cfg.seed, 1])  # held-out samples: a stream the training draws never reach
     if cfg.probe == "text":
-        draw = lambda rng, train: text_sample(cfg, rng)  # noqa: E731
-    else:
-        draw = lambda rng, train: disc_sample(cfg, rng, int(rng.integers(1, cfg.markers + 1)) if cfg.mix and train else cfg.markers)  # noqa: E731
-    rng = np.random.default_rng([cfg.seed, 1])  # held-out samples: a stream the training draws never reach
-    return lambda r: draw(r, True), [draw(rng, False) for _ in range(cfg.held)], {}
+        return lambda rng, step: text_sample(cfg, rng), [text_sample(cfg, held) for _ in range(cfg.held)], {}
+
+    def k(rng, step):  # how many discs a training sample shows: one in the first phase, then K (or 1 to K with --mix)
+        return 1 if step < cfg.one_first else int(rng.integers(1, cfg.markers + 1)) if cfg.mix else cfg.markers
+    return lambda rng, step: disc_sample(cfg, rng, k(rng, step)), [disc_sample(cfg, held, cfg.markers) for _ in range(cfg.held)], {}
 
 
 # --- Scoring and the loop ------------------------------------------------------------------------
@@ -152,7 +155,7 @@ def main(cfg: Config) -> dict:
     for step in range(cfg.steps):
         scaffold.set_lr(opt, scaffold.lr_at(step, cfg.lr, cfg.warmup, cfg.steps))
         rng = np.random.default_rng([cfg.seed, 0, step])  # batch `step` is the same in every run of this seed
-        batch = data.collate([train(rng)[0] for _ in range(cfg.batch)], vla.tokenizer, vla.image_ids)
+        batch = data.collate([train(rng, step)[0] for _ in range(cfg.batch)], vla.tokenizer, vla.image_ids)
         loss, logs = model.global_loss(vla(etc=batch), {"lm": 1.0})
         scaffold.update(opt, loss, 1.0)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:

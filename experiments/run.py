@@ -115,6 +115,7 @@ BINDING = dict(
     discs=("--probe", "discs"),  # K flat discs
     discs_vision_lr01=("--probe", "discs", "--vision-lr", "0.1"),  # the vision tower at a tenth of the rate
     discs_vision_lr3=("--probe", "discs", "--vision-lr", "3"),  # and at three times it
+    discs_one_first=("--probe", "discs", "--one-first", "1000"),  # a curriculum: one disc per image for 1,000 steps, then K
     world=("--probe", "world"),  # the grounded world's marker questions (data/scenes: 540 training layouts)
     # three times the layouts: data/scenes_more is `data.py collect --out data/scenes_more --episodes 600 --seed 1`
     # with pipeline.sh's scenes flags, then `etc.py --data data/scenes_more` (1,620 training layouts)
