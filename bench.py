@@ -275,20 +275,19 @@ def bench_real(cfg: Bench) -> list[str]:
         z = torch.randn(1, vla.cfg.chunk, vla.cfg.action_dim, device=proc.device)
         fresh = lambda: scaffold.to(observations(vla, image, text, proprio), proc.device)  # noqa: E731  (tokenising included)
 
-        def calls(observe, step, padded):  # the rows' calls in the order timed, through the eager modules or the compiled ones
-            projected = observe(padded)  # the head rows come first: a CUDA graph's next replay overwrites its outputs
+        def calls(observe, step):  # the rows' calls in the order timed, through the eager modules or the compiled ones
+            projected = observe(one)  # the head rows come first: a CUDA graph's next replay overwrites its outputs
             head = lambda n: model.euler(lambda x, t: step(x, t, projected), z, n)  # noqa: E731
             return {"head, 10 Euler steps": lambda: head(10), "head, 1 step": lambda: head(1),
-                    "observation: VLM prefix pass + the expert's KV projection": lambda: observe(padded),
+                    "observation: VLM prefix pass + the expert's KV projection": lambda: observe(one),
                     "end to end, teacher (10 steps)": lambda: vla.sample(fresh(), 10),
                     "end to end, one-step student": lambda: vla.sample(fresh(), 1),
-                    "floor: 1 observation + 1 expert step": lambda: step(z, torch.ones(1, device=proc.device), observe(padded))}
-        lat = {k: [median_ms(f, lat_reps)] for k, f in calls(lambda b: vla.expert.project(vla.prefix(b)), vla.expert, one).items()}
+                    "floor: 1 observation + 1 expert step": lambda: step(z, torch.ones(1, device=proc.device), observe(one))}
+        lat = {k: [median_ms(f, lat_reps)] for k, f in calls(vla.observe, vla.expert).items()}
         if cfg.compile:  # the same calls compiled; the warm-up call of each shape compiles (and captures)
             vla.compile_inference()
-            for k, f in calls(*vla.compiled, model.pad_prompt(one, model.PROMPT_BUCKET)).items():
+            for k, f in calls(*vla.compiled).items():
                 lat[k].append(median_ms(f, lat_reps))
-            vla.compiled = None  # training below is eager
     e2e = lambda i: lat["end to end, teacher (10 steps)"][i] / lat["end to end, one-step student"][i]  # noqa: E731
     if cfg.compile:
         rows += ["| per chunk, batch 1 | eager (ms) | compiled (ms) | speed-up |", "|---|---|---|---|"]

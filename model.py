@@ -383,6 +383,10 @@ class VLA(nn.Module):
             kv = [(k.detach(), v.detach()) for k, v in kv]
         return dict(kv=kv, mask=batch["attention_mask"].bool(), state=batch["proprio"], hidden=out.last_hidden_state)
 
+    def observe(self, batch: dict) -> dict:
+        """What sampling reads once per observation: the prefix, projected to the expert's heads."""
+        return self.expert.project(self.prefix(batch))
+
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, prefix: dict, expert: ActionExpert | None = None) -> torch.Tensor:
         """x0_hat = x_t - t v(x_t, t), by this VLA's expert or another copy of it (distillation's
         three). At t = 1 this is exactly one Euler step.   x_t: (B, H, D); t: (B,)"""
@@ -428,8 +432,8 @@ class VLA(nn.Module):
         if self.cfg.head == "tokens":
             ids = greedy(self.vlm, batch, H * D, -1, self.tokenizer.pad_token_id, (self.act0, self.act0 + self.cfg.bins))
             return from_bins(ids - self.act0, self.cfg.bins, self.cfg.token_range).view(B, H, D)
-        observe, step = self.compiled or (lambda b: self.expert.project(self.prefix(b)), self.expert)
-        projected = observe(pad_prompt(batch, PROMPT_BUCKET) if self.compiled else batch)
+        observe, step = self.compiled or (self.observe, self.expert)
+        projected = observe(batch)
         x1 = noise.to(self.device) if noise is not None else torch.randn(B, H, D, device=self.device)
         return euler(lambda x, t: step(x, t, projected), x1, num_steps or self.cfg.steps)
 
@@ -441,8 +445,8 @@ class VLA(nn.Module):
         graph per batch size and prompt-length bucket (prompts right-padded to PROMPT_BUCKET tokens,
         masked, so the actions do not change). The first call of each shape compiles (a minute);
         eager stays the default (a CPU has no launch overhead to remove: docs/gpu.md). Returns self."""
-        self.compiled = (torch.compile(lambda b: self.expert.project(self.prefix(b)), mode=mode, dynamic=False),
-                         torch.compile(self.expert, mode=mode, dynamic=False))
+        observe = torch.compile(self.observe, mode=mode, dynamic=False)  # padded outside: one graph per bucket
+        self.compiled = (lambda b: observe(pad_prompt(b, PROMPT_BUCKET)), torch.compile(self.expert, mode=mode, dynamic=False))
         return self
 
     def save(self, path: str | Path, train_state: dict | None = None, provenance: dict | None = None,

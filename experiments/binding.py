@@ -17,8 +17,8 @@ asked one (chance 1/K), `px4` how often the answer lies within 4 px of it. Writt
 (the world probe also records "layouts": how many training and held-out scenes the curve comes from)
 
 Any VLM goes through it (--vlm: a preset or a checkpoint folder); ablations are flags (--embed-std
-0.02 is transformers' own initialisation, --vision-lr 0.1 trains the vision tower at a tenth of the rate, --one-first 1000 shows one disc per image for the
-first 1,000 steps: locating before naming).
+0.02 is transformers' own initialisation, --vision-lr 0.1 trains the vision tower at a tenth of the rate,
+--one-first 1000 shows one disc per image for the first 1,000 steps: locating before naming).
 """
 import json, re, sys, time
 from dataclasses import asdict, dataclass
