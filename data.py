@@ -305,6 +305,10 @@ def goal_word(ds: Dataset, task: str, i: int) -> str | None:
     k = int(a["goal_marker"][i])
     return ds.marker_words[a["marker_color"][i, k]] if k >= 0 else None
 
+def moves_object(task: str, goal_marker: int) -> bool:
+    """Whether the goal step writes the object's pixel too (etc.goal_answer): a marker task whose object goes to the marker."""
+    return goal_marker >= 0 and not task.startswith("reach")
+
 class ActionSamples:
     """(image, instruction, proprio, action chunk) samples of every frame with actions."""
     def __init__(self, ds: Dataset, chunk: int, paraphrases: str = "train", stats: dict | None = None):
@@ -331,8 +335,9 @@ class ActionSamples:
         texts = sim.instructions(task, self.ds.meta["color"], self.paraphrases, marker=word)
         k, size = int(a["goal_marker"][i]), self.ds.meta["image_size"]
         goal_px = a["markers_px"][i, k] if k >= 0 else a["goal_px"][i]  # the goal the instruction names, (2,)
-        return dict(image=np.asarray(a["images"][i]), text=texts[rng.integers(len(texts))] + "\n",
-                    goal_px=np.clip(goal_px, 0, size - 1), goal_word=word,  # for etc.ask_goal (the goal step); collate ignores them
+        goal = dict(task=task, goal_px=np.clip(goal_px, 0, size - 1), goal_word=word,  # etc.ask_goal's (the goal step's);
+                    object_px=np.clip(a["objects_px"][i, 0], 0, size - 1) if moves_object(task, k) else None)  # collate ignores them
+        return goal | dict(image=np.asarray(a["images"][i]), text=texts[rng.integers(len(texts))] + "\n",
                     proprio=((a["proprio"][i] - self.p_mean) / self.p_std).astype(np.float32),
                     actions=((acts - self.a_mean) / self.a_std).astype(np.float32),
                     action_mask=np.arange(self.chunk) < self.chunk - pad,

@@ -73,6 +73,16 @@ def named_pt(word: str | None, uv) -> str:
     with the bare "31 17" behind a question's filler words, 0.975 at 750 with the word restated; results/binding)."""
     return pt(uv) if word is None else f"{word} {pt(uv)}"
 
+GOAL_TOKENS = 16  # the most the goal step writes: "puck 30 40 blue 31 17" and <eos>, one token per digit (SmolVLM)
+
+def goal_answer(task: str, word: str | None, goal_uv, object_uv=None) -> str:
+    """The goal step's answer (and the ETC goal question's): the named goal, "blue 31 17"; where an
+    object is moved to it (push), the object's pixel first, "puck 30 40 blue 31 17": the hand must
+    get to a 3-5 px puck before the goal matters, and the expert reads a written pixel far better
+    than it finds one in the image tokens (docs/notes.md, "Push: the goal step writes the puck")."""
+    head = "" if object_uv is None else f"{sim.TEXT[task][0]} {pt(object_uv)} "
+    return head + named_pt(word, goal_uv)
+
 def inside(uv, size: int) -> bool:
     return bool(0 <= uv[0] < size and 0 <= uv[1] < size)
 
@@ -134,8 +144,9 @@ def for_frame(a: dict, i: int, frames: np.ndarray, task: str, nouns: list[str], 
                 for w, uv in zip(names, a["markers_px"][i]) if names.count(w) == 1 and inside(uv, size)]
         near = np.argmin(np.linalg.norm(a["markers"][i] - a["hand"][i], axis=1))
         out.append(("scene", "nearest", "what colour is the marker nearest the gripper?", names[near]))
-        if inside(a["markers_px"][i, goal], size):
-            out.append(("task", "goal", goal_question(instruction), named_pt(names[goal], a["markers_px"][i, goal])))
+        obj = a["objects_px"][i, 0] if data.moves_object(task, goal) else None
+        if inside(a["markers_px"][i, goal], size) and (obj is None or inside(obj, size)):
+            out.append(("task", "goal", goal_question(instruction), goal_answer(task, names[goal], a["markers_px"][i, goal], obj)))
         out.append(("planning", "relation", f"where is the gripper relative to the {names[goal]} marker?",
                     relation(a["hand"][i], a["markers"][i, goal], a["camera"][i])))
     out.append(("scene", "gripper", "is the gripper open or closed?", "open" if a["proprio"][i, 3] > 0.5 else "closed"))
@@ -248,10 +259,12 @@ def ask_goal(action_sample: dict, answer: str | None = None) -> dict:
     goal question of its instruction, answered by the goal's pixel (training: the true one, from
     data.ActionSamples' goal_px, as teacher forcing) or by the VLM's own answer (the policy):
         text = "question: where is the goal of: reach the blue marker?\nanswer:", answer = "blue 31 17"
+    (push: "puck 30 40 blue 31 17", etc.goal_answer).
     The expert reads question and answer; the VLM learns to write the answer (next-token loss)."""
-    s = {k: v for k, v in action_sample.items() if k not in ("goal_px", "goal_word")}
+    s = {k: v for k, v in action_sample.items() if k not in ("task", "goal_px", "goal_word", "object_px")}
     if answer is None:
-        answer = named_pt(action_sample.get("goal_word"), action_sample["goal_px"])
+        a = action_sample
+        answer = goal_answer(a["task"], a.get("goal_word"), a["goal_px"], a.get("object_px"))
     return s | dict(text=prompt(goal_question(s["text"].strip())), answer=answer)
 
 class GoalSteps:

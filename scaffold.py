@@ -223,7 +223,7 @@ def policy(vla: model.VLA, steps: int | None = None):
         texts, n = [instruction] if isinstance(instruction, str) else instruction, 1 if noise is None else len(noise)
         s = [dict(image=image, text=t + "\n", proprio=((proprio - p["mean"]) / p["std"]).astype(np.float32)) for t in texts]
         if vla.cfg.goal_step:  # the VLM writes the goal's pixel first (greedy), then the expert reads it
-            said = answers(vla, [dict(image=image, text=etc.prompt(etc.goal_question(t))) for t in texts], max_new=8)
+            said = answers(vla, [dict(image=image, text=etc.prompt(etc.goal_question(t))) for t in texts], max_new=etc.GOAL_TOKENS)
             s = [etc.ask_goal(x, answer) for x, answer in zip(s, said)]
         s = [x for x in s for _ in range(n)]
         z = None if noise is None else noise.repeat(len(texts), 1, 1)

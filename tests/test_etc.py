@@ -67,8 +67,8 @@ def test_etc_answers_agree_with_the_simulator(dataset):
 
 ANSWER = {  # kind -> the answer's exact shape
     "point": r"\d+ \d+", "box": r"\d+ \d+ \d+ \d+", "trajectory": r"(\d+ \d+, ){4}\d+ \d+",
-    "gripper": r"open|closed", "done": r"yes|no", "color": r"[a-z]+", "contact": r"\d+ \d+", "marker": r"\d+ \d+",
-    "goal": r"\d+ \d+", "nearest": r"[a-z]+",
+    "gripper": r"open|closed", "done": r"yes|no", "color": r"[a-z]+", "contact": r"\d+ \d+", "marker": r"[a-z]+ \d+ \d+",
+    "goal": r"(puck \d+ \d+ )?[a-z]+ \d+ \d+", "nearest": r"[a-z]+",
     "subgoal": "|".join(etc.PHASES),
     "relation": r"(left|right|aligned), (above|below|level), (in front|behind|level)",
     "motion": r"(stay|left|right|up|down|toward the camera|away from the camera)( and (open|close) the gripper)?",
@@ -137,9 +137,12 @@ def test_marker_etc_is_exact_and_carries_a_novel_goal_word(tmp_path):
             px = {word: f"{word} {int(u)} {int(v)}" for word, (u, v) in zip(w.marker_words, w.project(w.markers))}  # the word restated
             mine = [r for r in recs if r["episode"] == ep]
             assert w.marker_words[0] == "teal"
+            puck = ds.arrays["push"]["objects_px"]  # (T, 1, 2): where the puck is seen in each frame
+            assert np.allclose(puck[frames[0], 0], w.project(w.objects())[0])
             for r in mine:
-                if r["question"].startswith("where is the goal of:"):
-                    assert "the teal marker" in r["question"] and r["answer"] == px["teal"]
+                if r["question"].startswith("where is the goal of:"):  # the puck first: the goal step writes both
+                    u, v = puck[r["frame"], 0]
+                    assert "the teal marker" in r["question"] and r["answer"] == f"puck {int(u)} {int(v)} {px['teal']}"
                 elif r["kind"] == "marker":
                     assert r["answer"] == px[r["question"].split()[3]]
             assert {r["kind"] for r in mine} >= {"marker", "goal", "nearest", "relation"}
@@ -147,6 +150,19 @@ def test_marker_etc_is_exact_and_carries_a_novel_goal_word(tmp_path):
     finally:
         w.close()
     assert "actions" not in ds.arrays["push"]
+
+
+def test_the_goal_step_answers_as_the_etc_goal_record_of_its_frame(tmp_path):
+    """Teacher forcing on push in the grounded world: the goal step's answer (the puck, then the
+    named marker) is the ETC goal record's for the same frame, so ETC and actions teach one answer."""
+    var = sim.Variation(markers=3)
+    ds = data.Dataset(data.collect(data.Collect(tasks=("push", "reach"), episodes=1, out=str(tmp_path / "g"), workers=1,
+                                                variation=var)))
+    goals = {(r["task"], r["frame"]): r["answer"] for r in etc.records(ds, every=1) if r["kind"] == "goal"}
+    steps = etc.GoalSteps(data.ActionSamples(ds, 8))
+    said = {(t, i): steps(j, np.random.default_rng(0))["answer"] for j, (t, i) in enumerate(steps.actions.index)}
+    assert goals and all(said[key] == answer for key, answer in goals.items())
+    assert all(a.startswith("puck ") == (t == "push") and len(a.split()) == (6 if t == "push" else 3) for (t, _), a in goals.items())
 
 
 def test_phase_labels_follow_a_pick_and_place():
