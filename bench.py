@@ -210,6 +210,8 @@ def bench_latency(cfg: Bench) -> list[str]:
     """Per action chunk, batch 1: the action head alone (given the prefix) and end to end (image
     + text + proprio -> chunk, tokenising included), for the teacher at 10 Euler steps, each
     student at its 1 step, and the floor: one VLM prefix pass + one expert pass, on tensors."""
+    import etc
+
     def get(path):  # latency does not depend on the weights: a missing checkpoint is stood in for
         return (path, model.load(path)) if Path(path).is_dir() else (f"{path} (missing: tiny random VLA)", tiny_vla().eval())
     reps = 3 if cfg.quick else 5 * cfg.repeats
@@ -225,16 +227,16 @@ def bench_latency(cfg: Bench) -> list[str]:
             head = median_ms(lambda: model.euler(lambda x, t: m.expert(x, t, projected), z, steps), reps)
             out[name] = (steps, head, median_ms(lambda: m.sample(observations(m, image, text, proprio), steps), reps))
         floor = median_ms(lambda: teacher.denoise(z, torch.ones(1), teacher.prefix(batch)), reps)
-        # the goal step's decode, at its longest: eos -1 never comes, so all 8 tokens are written
-        goal = median_ms(lambda: model.greedy(teacher.vlm, batch, 8, -1, teacher.tokenizer.pad_token_id), reps)
+        # the goal step's decode, at its longest: eos -1 never comes, so all etc.GOAL_TOKENS are written
+        goal = median_ms(lambda: model.greedy(teacher.vlm, batch, etc.GOAL_TOKENS, -1, teacher.tokenizer.pad_token_id), reps)
     t_head, t_e2e = out[runs[0][0]][1:]
     rows = ["| policy | steps | head (ms) | head speed-up | end to end (ms) | end-to-end speed-up | vs floor |",
             "|---|---|---|---|---|---|---|"]
     rows += [f"| {name} | {steps} | {head:.2f} | {t_head / head:.1f}x | {e2e:.2f} | {t_e2e / e2e:.1f}x | {e2e / floor:.2f}x |"
              for name, (steps, head, e2e) in out.items()]
     return rows + [f"| floor: 1 prefix pass + 1 expert pass | 1 | | | {floor:.2f} | {t_e2e / floor:.1f}x | 1.00x |",
-                   "", f"A policy trained with `--goal-step` first has the VLM write the goal's pixel: {goal:.2f} ms "
-                       "per chunk on top of its end-to-end figure (8 tokens, the most it writes; greedy, with the KV cache)."]
+                   "", f"A policy with the goal step (the default) first has the VLM write the goal's pixel: {goal:.2f} ms "
+                       f"per chunk on top of its end-to-end figure ({etc.GOAL_TOKENS} tokens, the most it writes; greedy, with the KV cache)."]
 
 def saved_mb(fn) -> float:
     """MB of activations autograd keeps for backward during fn() (what checkpointing trades away)."""

@@ -360,7 +360,7 @@ class VLA(nn.Module):
         kv_dim = tc.num_key_value_heads * (getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
         self.expert = ActionExpert(cfg, len(self.feed_layers), kv_dim) if cfg.head == "flow" else None
         if cfg.goal_step and cfg.head != "flow":
-            raise CheckpointError("--goal-step is for the flow head (the token head writes its actions as text itself)")
+            raise CheckpointError("goal_step is for the flow head (the token head writes its actions as text itself)")
         self.act0 = self.tokenizer.convert_tokens_to_ids("<act0>")
         self.image_ids = image_token_ids(self.vlm.config, self.tokenizer)
         if cfg.freeze_vision:

@@ -51,14 +51,15 @@ have data/ood/etc.jsonl || run python etc.py --data data/ood --paraphrases heldo
 #    (evaluated below by eval.py, so not again at the end of training). Stage 1 binds colour words
 #    to places first (marker questions alone, then every ETC kind: in the mixture from the start
 #    the marker question gets too few samples to bind); the policy has its VLM write the goal's
-#    pixel before it acts (the goal step), so it follows the word as well as its VLM names it.
-train out/stage1 train_etc.py --first-kinds marker --first-steps 1500 --kind-weights marker 8 --steps 3000
-train out/stage2 train_vla.py --stage 2 --goal-step --kind-weights marker 20 goal 20 --eval-episodes 0
+#    pixel (push: the puck's first) before it acts (the goal step), so it follows the word as well
+#    as its VLM names it. Both are the scripts' defaults.
+train out/stage1 train_etc.py
+train out/stage2 train_vla.py --stage 2 --eval-episodes 0
 train out/stage3 train_vla.py --stage 3 --eval-episodes 0
 
 # 4b. Baselines from the same stage 1 / stage 2: stage 2 with actions only (retention), and
 #     stage 3 without the OOD ETC (what the novel words owe to it).
-train out/stage2_action_only train_vla.py --stage 2 --etc-start 0 --etc-end 0 --eval-episodes 0  # no goal step: no language at all
+train out/stage2_action_only train_vla.py --stage 2 --etc-start 0 --etc-end 0 --no-goal-step --eval-episodes 0  # no language at all
 train out/stage3_no_ood train_vla.py --stage 3 --etc-data data/target --eval-episodes 0
 
 # 5. One-step students of the stage-3 teacher: SDM (dual teacher) and the CD baseline.

@@ -9,7 +9,7 @@ scene, --head tokens, --freeze-vision, --insulate. Losses are global sums over g
 N processes give the same loss and gradients as one.
 """
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -21,9 +21,10 @@ import data, etc, model, scaffold, sim
 # Stage defaults; any of them can be overridden on the command line.
 STAGES = {
     2: dict(action_data="data/source", etc_data=("data/source", "data/scenes"), init="out/stage1", out="out/stage2",
-            steps=3000, lr=5e-4, etc_start=0.5, etc_end=0.2, expert_warmup=200),
+            steps=3000, lr=5e-4, etc_start=0.5, etc_end=0.2, expert_warmup=200,
+            kind_weights={"marker": 20.0, "goal": 20.0}),  # what the goal step writes, kept sharp (docs/notes.md)
     3: dict(action_data="data/target", etc_data=("data/target", "data/ood"), init="out/stage2", out="out/stage3",
-            steps=800, lr=1e-4, etc_start=0.3, etc_end=0.3, expert_warmup=0),
+            steps=800, lr=1e-4, etc_start=0.3, etc_end=0.3, expert_warmup=0, kind_weights={}),
 }
 
 @dataclass
@@ -49,14 +50,17 @@ class Config:
     action_weight_end: float = 1.0  # ... and at the last step (cosine in between)
     expert_warmup: int | None = None  # first steps in which the action loss does not reach the VLM
     levels: tuple[str, ...] = etc.LEVELS  # ETC levels used (the paper's category ablation)
-    kind_weights: dict[str, float] = field(default_factory=dict)  # e.g. --kind-weights marker 8: that kind's records 8x as likely in its level
+    kind_weights: dict[str, float] | None = None  # e.g. --kind-weights marker 8: that kind's records 8x as likely in its level (stage default)
     chunk: int = 8  # actions per chunk
     freeze_vision: bool = False  # freeze the vision tower
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # bf16 autocast; auto: on CUDA only
     grad_checkpoint: bool = False  # recompute activations in backward (vision tower, expert): memory for time
     fsdp: bool = False  # under torchrun: FSDP2 shards the model across processes (DDP copies it); for a VLM too big for one GPU
     insulate: bool = False  # knowledge insulation for the whole run
-    goal_step: bool = False  # stage 2: the VLM writes the goal's pixel before the expert acts (pi0.5's high-level step); stage 3 keeps its checkpoint's
+    # Stage 2, flow head: the VLM writes the goal's pixel (push: the puck's first) and the expert reads it (pi0.5's
+    # high-level step): 0.83 toward the named marker, 0.35 without (docs/notes.md). --no-goal-step: the expert reads
+    # the instruction alone. Stage 3 keeps its checkpoint's; the token head writes its actions as text and has none.
+    goal_step: bool = True
     holdout: int = 10  # every holdout-th episode's ETC is kept for evaluation only
     log_every: int = 50  # 0 = only the last step
     eval_every: int = 1000  # held-out ETC accuracy every so often (and at the end); 0 = only at the end
@@ -79,7 +83,7 @@ def build(cfg: Config, ds: data.Dataset) -> model.VLA:
     """The starting model: the base VLM, a stage-1 VLM with a fresh head, or a stage-2 VLA."""
     torch.manual_seed(cfg.seed)  # a fresh expert starts the same way in every process
     options = dict(head=cfg.head, chunk=cfg.chunk, freeze_vision=cfg.freeze_vision, insulate=cfg.insulate,
-                   goal_step=cfg.goal_step, grad_checkpoint=cfg.grad_checkpoint)
+                   goal_step=cfg.goal_step and cfg.head == "flow", grad_checkpoint=cfg.grad_checkpoint)
     stats = ds.meta["stats"]
     if cfg.init == "base":
         return model.VLA(model.VLAConfig(vlm=cfg.vlm, image_size=ds.meta["image_size"], **options), stats=stats,
@@ -97,8 +101,6 @@ def build(cfg: Config, ds: data.Dataset) -> model.VLA:
     if cfg.stage == 3 and (init.cfg.head != cfg.head or init.cfg.chunk != cfg.chunk):
         raise model.CheckpointError(f"{cfg.init} has head={init.cfg.head}, chunk={init.cfg.chunk}; "
                                     f"pass --head {init.cfg.head} --chunk {init.cfg.chunk}")
-    if cfg.stage == 3 and cfg.goal_step and not init.cfg.goal_step:
-        raise model.CheckpointError(f"{cfg.init} was trained without the goal step; a policy keeps it from stage 2 on")
     if cfg.stage == 3:
         return init.train()
     # stage 2 from stage 1: keep the bridged VLM, start a fresh action head on it

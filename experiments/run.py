@@ -36,6 +36,7 @@ EVALS = dict(
     etc=("etc",),  # ETC answer accuracy on held-out source frames (retention)
 )
 ACT = ("--etc-start", "0", "--etc-end", "0")  # no ETC in the batch: action data only
+ACT2 = (*ACT, "--no-goal-step")  # stage 2: no language at all (stage 3 keeps its checkpoint's goal step)
 S1 = ("train_etc.py", None, ())
 # Stage 2 at 1000 steps (the pipeline's 3000 would put a table at ~4 h on 2 cores); stage 3 and the rest at theirs.
 S2, S3 = ("--stage", "2", "--steps", "1000"), ("--stage", "3")
@@ -47,11 +48,11 @@ S2, S3 = ("--stage", "2", "--steps", "1000"), ("--stage", "3")
 RUNS = dict(
     stage1=S1,
     s2=("train_vla.py", "stage1", S2),  # stage 2 with ETC, from Distribution Bridging (the pipeline's recipe)
-    s2_act=("train_vla.py", "stage1", (*S2, *ACT)),  # ... action data only
+    s2_act=("train_vla.py", "stage1", (*S2, *ACT2)),  # ... action data only
     s2_scene=("train_vla.py", "stage1", (*S2, "--levels", "scene")),  # ... with scene-level ETC only
     s2_task=("train_vla.py", "stage1", (*S2, "--levels", "scene", "task")),  # ... scene and task levels
     s2_base=("train_vla.py", "base", S2),  # stage 2 with ETC, from the base VLM (no stage 1)
-    s2_act_base=("train_vla.py", "base", (*S2, *ACT)),  # ... action data only
+    s2_act_base=("train_vla.py", "base", (*S2, *ACT2)),  # ... action data only
     s3=("train_vla.py", "s2", S3),  # stage 3 with in-domain and OOD ETC (the pipeline's recipe)
     s3_act=("train_vla.py", "s2", (*S3, *ACT)),  # ... action data only
     s3_id_etc=("train_vla.py", "s2", (*S3, "--etc-data", "data/target")),  # ... in-domain ETC only

@@ -53,12 +53,14 @@ def test_stage1_writes_a_loadable_checkpoint_and_etc_accuracy(stage1_ckpt):
 
 
 def test_a_first_phase_draws_only_its_kinds(etc_path, tmp_path, monkeypatch):
-    """--first-kinds point --first-steps 2: steps 0 and 1 train on that kind alone, step 2 on the mixture."""
+    """--first-kinds point marker --first-fraction 0.67 on data without markers: steps 0 and 1 of 3 train on
+    points alone (the marker questions it lacks are left out), step 2 on the mixture."""
     drawn, real = [], etc.Samples.__call__
     monkeypatch.setattr(etc.Samples, "__call__", lambda self, j: drawn.append(self.kinds[j]) or real(self, j))
-    stage1(etc_path, tmp_path / "stage1", first_kinds=("point",), first_steps=2)
+    stage1(etc_path, tmp_path / "stage1", first_kinds=("point", "marker"), first_fraction=0.67)
     assert len(drawn) == 12 and set(drawn[:8]) == {"point"} and set(drawn[8:]) != {"point"}  # batch 4, 3 steps
-    assert model.read_config(tmp_path / "stage1")["provenance"]["etc_mix"]["first_kinds"] == ["point"]
+    mix = model.read_config(tmp_path / "stage1")["provenance"]["etc_mix"]
+    assert mix["first_kinds"] == ["point"] and mix["first_steps"] == 2
 
 
 def test_stages_2_and_3_chain_and_evaluate_closed_loop(etc_path, stage1_ckpt, tmp_path, monkeypatch):
@@ -66,6 +68,7 @@ def test_stages_2_and_3_chain_and_evaluate_closed_loop(etc_path, stage1_ckpt, tm
     s1, s2 = model.load(stage1_ckpt), model.load(tmp_path / "stage2")
     moved = [n for (n, a), b in zip(s1.vlm.state_dict().items(), s2.vlm.state_dict().values()) if not torch.equal(a, b)]
     assert moved  # stage 2 trains the bridged VLM
+    assert s2.cfg.goal_step  # on by default for the flow head
     used = []  # the normalisation stage 3's action samples are built with
     real = data.ActionSamples.__init__
     monkeypatch.setattr(data.ActionSamples, "__init__", lambda self, *a, **k: used.append(k.get("stats")) or real(self, *a, **k))
@@ -167,7 +170,8 @@ def test_checkpoints_record_what_trained_them(etc_path, stage1_ckpt, tmp_path):
     assert (p2["script"], p2["stage"], p2["action_steps"], p2["parent"]) == ("train_vla.py", 2, 3, str(stage1_ckpt))
     assert (p3["stage"], p3["action_steps"], p3["parent"]) == (3, 3 + 2, str(tmp_path / "s2"))
     assert p2["datasets"] == dict(actions=str(etc_path), etc=[str(etc_path)]) and p2["seed"] == 0
-    assert p2["etc_mix"] == dict(levels=list(etc.LEVELS), kind_weights={}, start=0.5, end=0.2) and p2["config"]["steps"] == 3
+    assert p2["etc_mix"] == dict(levels=list(etc.LEVELS), kind_weights=dict(marker=20.0, goal=20.0), start=0.5, end=0.2)
+    assert p2["config"]["steps"] == 3
     assert p1["code"] is None or len(p1["code"].removesuffix("+dirty")) == 40  # the git commit, when known
 
 
@@ -214,6 +218,12 @@ def test_the_goal_step_writes_the_goal_pixel_and_the_policy_acts_on_its_own_answ
     chunk = scaffold.policy(vla)(np.asarray(image), "reach the goal", proprio)
     assert chunk.shape == (8, 4) and len(said) == 1
     assert collated[-1][0]["text"] == "question: where is the goal of: reach the goal?\nanswer:" and collated[-1][0]["answer"] == said[0]
+
+
+def test_the_token_head_has_no_goal_step(etc_path, stage1_ckpt, tmp_path):
+    """The token head writes its actions as text itself: the goal step, on by default, is the flow head's."""
+    stage2(etc_path, stage1_ckpt, tmp_path / "tokens", head="tokens", steps=1)
+    assert not model.load(tmp_path / "tokens").cfg.goal_step
 
 
 def test_the_vision_tower_trains_at_its_own_fraction_of_the_learning_rate():
