@@ -46,6 +46,7 @@ class VLAConfig:
     token_range: float = 3.0
     steps: int = 10  # Euler steps when sampling; a distilled one-step student saves 1
     embed_std: float = 1.0  # a VLM built from scratch: std of its token embeddings (transformers' own init: 0.02)
+    patch: int = 16  # the tiny VLM's patch side in px: (image_size / patch)^2 image tokens (another VLM keeps its own)
 
 # --- The VLM: tiny offline Idefics3, or any pretrained AutoModelForImageTextToText ------------
 def tiny_tokenizer(n_action_tokens: int, corpus: list[str], vocab_size: int = 1024, image_wrap: bool = False):
@@ -69,12 +70,12 @@ def tiny_tokenizer(n_action_tokens: int, corpus: list[str], vocab_size: int = 10
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<eos>", additional_special_tokens=specials[3:])
 
-def tiny_vlm_config(vocab_size: int, image_token_id: int, image_size: int) -> dict:
-    """SmolVLM's architecture (Idefics3) at toy size, the vision tower cut to its patch embedding (16 px, no layer, no
-    pixel shuffle: 16 tokens at 64 px): as SmolVLM's at toy size it does not bind in 3,000 steps (docs/notes.md)."""
+def tiny_vlm_config(vocab_size: int, image_token_id: int, image_size: int, patch: int) -> dict:
+    """SmolVLM's architecture (Idefics3) at toy size, the vision tower cut to its patch embedding (no layer, no pixel
+    shuffle; 16 px patches: 16 tokens at 64 px): as SmolVLM's at toy size it does not bind in 3,000 steps (docs/notes.md)."""
     return dict(model_type="idefics3", scale_factor=1, image_token_id=image_token_id,
                 vision_config=dict(hidden_size=128, num_hidden_layers=0, num_attention_heads=4,
-                                   intermediate_size=256, image_size=image_size, patch_size=16),
+                                   intermediate_size=256, image_size=image_size, patch_size=patch),
                 text_config=dict(model_type="llama", hidden_size=192, num_hidden_layers=4, num_attention_heads=4,
                                  num_key_value_heads=4, intermediate_size=512, vocab_size=vocab_size,
                                  max_position_embeddings=1024, tie_word_embeddings=False))
@@ -109,7 +110,7 @@ def build_vlm(cfg: VLAConfig, vlm_config: dict | None, tokenizer, corpus: list[s
     if cfg.vlm == "tiny" or cfg.vlm in PRESETS:  # random weights, our offline tokenizer
         tokenizer = tiny_tokenizer(cfg.bins, corpus, image_wrap=cfg.vlm != "tiny")
         image_token = tokenizer.convert_tokens_to_ids("<image>")
-        vc = tiny_vlm_config(len(tokenizer), image_token, cfg.image_size) if cfg.vlm == "tiny" else smolvlm_config(cfg.vlm, image_token)
+        vc = tiny_vlm_config(len(tokenizer), image_token, cfg.image_size, cfg.patch) if cfg.vlm == "tiny" else smolvlm_config(cfg.vlm, image_token)
         vlm = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**vc))
         # N(0, 1) as in PaLM: at transformers' 0.02 a token enters with norm ~0.3 against ~1 for what
         # each layer adds, so its identity drowns and in-context recall waits for thousands of steps

@@ -48,6 +48,7 @@ class Config:
     warmup: int = 100
     vision_lr: float = 1.0  # the vision tower's learning rate, as a fraction of --lr (scaffold.param_groups)
     embed_std: float = 1.0  # a VLM built from scratch: std of its token embeddings (model.VLAConfig)
+    patch: int = 16  # the tiny tower's patch side in px (model.VLAConfig): 8 gives 64 image tokens at 64 px, 16 gives 16
     eval_every: int = 250
     held: int = 200  # held-out samples asked at each evaluation
     data: tuple[str, ...] = ("data/scenes",)  # world: datasets whose marker questions are asked (etc.jsonl)
@@ -139,7 +140,7 @@ def main(cfg: Config) -> dict:
     extra = [etc.prompt(f"where is the {w} disc?") for w in COLORS]  # the disc probe's words, for the tokenizer
     if not cfg.image and cfg.probe != "text":
         raise data.DataError(f"--no-image is for the text probe (the {cfg.probe} probe asks about the image)")
-    vla = model.VLA(model.VLAConfig(vlm=cfg.vlm, embed_std=cfg.embed_std), corpus=etc.corpus() + extra)
+    vla = model.VLA(model.VLAConfig(vlm=cfg.vlm, embed_std=cfg.embed_std, patch=cfg.patch), corpus=etc.corpus() + extra)
     vla.image_ids = vla.image_ids if cfg.image else []  # no image tokens in the prompt (collate, answers)
     train, held, about = sampler(cfg)
     questions = [{k: v for k, v in s.items() if k != "answer"} for s, _, _ in held]

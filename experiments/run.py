@@ -117,10 +117,14 @@ BINDING = dict(
     discs_vision_lr01=("--probe", "discs", "--vision-lr", "0.1"),  # the vision tower at a tenth of the rate
     discs_vision_lr3=("--probe", "discs", "--vision-lr", "3"),  # and at three times it
     discs_one_first=("--probe", "discs", "--one-first", "1000"),  # a curriculum: one disc per image for 1,000 steps, then K
-    world=("--probe", "world"),  # the grounded world's marker questions (data/scenes: 540 training layouts)
+    world=("--probe", "world"),  # the grounded world's marker questions (data/scenes: 540 training layouts at 300 episodes)
     # three times the layouts: data/scenes_more is `data.py collect --out data/scenes_more --episodes 600 --seed 1`
     # with pipeline.sh's scenes flags, then `etc.py --data data/scenes_more` (1,620 training layouts)
     world_1620=("--probe", "world", "--data", "data/scenes", "data/scenes_more"),
+    # data/scenes at pipeline.sh's 900 episodes (1,620 layouts) and data/scenes2, made as data/scenes_more with
+    # --episodes 900 (3,240 layouts)
+    world_3240=("--probe", "world", "--data", "data/scenes", "data/scenes2"),
+    world_patch8=("--probe", "world", "--patch", "8"),  # 8 px patches: 64 image tokens (1,620 layouts at 900 episodes)
 )
 PARENT_FLAG = {"train_vla.py": "--init", "distill_sdm.py": "--teacher"}
 DONE: set[Path] = set()  # runs trained in this sitting

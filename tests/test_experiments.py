@@ -124,7 +124,7 @@ def test_the_binding_plan_skips_curves_already_written(world):
         return [line.split("--out ")[1] for line in out.splitlines() if "binding.py" in line]
     assert plan() == [f"results/binding/{cell}.s0.json" for cell in ("text", "text_hf_init", "text_no_image", "text_smollm2",
                                                                       "discs", "discs_vision_lr01", "discs_vision_lr3", "discs_one_first",
-                                                                      "world", "world_1620")]
+                                                                      "world", "world_1620", "world_3240", "world_patch8")]
     (world / "results" / "binding").mkdir(parents=True)
     (world / "results" / "binding" / "discs.s0.json").write_text("{}")
     assert "results/binding/discs.s0.json" not in plan()

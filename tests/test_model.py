@@ -217,7 +217,7 @@ def smolvlm_like(tmp_path, bos: bool = True):
     tok = model.tiny_tokenizer(0, etc.corpus(), image_wrap=True)
     if not bos:  # SmolVLM's own tokenizer puts nothing first
         tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")
-    vc = model.tiny_vlm_config(len(tok), tok.convert_tokens_to_ids("<image>"), 64)
+    vc = model.tiny_vlm_config(len(tok), tok.convert_tokens_to_ids("<image>"), 64, 16)
     vlm = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**vc))
     image = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 64}, max_image_size={"longest_edge": 64})
     proc = Idefics3Processor(image_processor=image, tokenizer=tok, image_seq_len=16)  # 64 px, patch 8, shuffle 2
