@@ -335,9 +335,10 @@ class ActionSamples:
         texts = sim.instructions(task, self.ds.meta["color"], self.paraphrases, marker=word)
         k, size = int(a["goal_marker"][i]), self.ds.meta["image_size"]
         goal_px = a["markers_px"][i, k] if k >= 0 else a["goal_px"][i]  # the goal the instruction names, (2,)
-        goal = dict(task=task, goal_px=np.clip(goal_px, 0, size - 1), goal_word=word,  # etc.ask_goal's (the goal step's);
-                    object_px=np.clip(a["objects_px"][i, 0], 0, size - 1) if moves_object(task, k) else None)  # collate ignores them
-        return goal | dict(image=np.asarray(a["images"][i]), text=texts[rng.integers(len(texts))] + "\n",
+        # goal: etc.goal_answer's arguments (the goal step's teacher forcing); collate ignores it
+        goal = dict(task=task, word=word, goal_uv=np.clip(goal_px, 0, size - 1),
+                    object_uv=np.clip(a["objects_px"][i, 0], 0, size - 1) if moves_object(task, k) else None)
+        return dict(goal=goal, image=np.asarray(a["images"][i]), text=texts[rng.integers(len(texts))] + "\n",
                     proprio=((a["proprio"][i] - self.p_mean) / self.p_std).astype(np.float32),
                     actions=((acts - self.a_mean) / self.a_std).astype(np.float32),
                     action_mask=np.arange(self.chunk) < self.chunk - pad,

@@ -257,14 +257,13 @@ def goal_question(instruction: str) -> str:  # also what eval.py grounding asks 
 def ask_goal(action_sample: dict, answer: str | None = None) -> dict:
     """The goal step (VLAConfig.goal_step, pi0.5's high-level step): the action prompt becomes the
     goal question of its instruction, answered by the goal's pixel (training: the true one, from
-    data.ActionSamples' goal_px, as teacher forcing) or by the VLM's own answer (the policy):
+    data.ActionSamples' goal, as teacher forcing) or by the VLM's own answer (the policy):
         text = "question: where is the goal of: reach the blue marker?\nanswer:", answer = "blue 31 17"
     (push: "puck 30 40 blue 31 17", etc.goal_answer).
     The expert reads question and answer; the VLM learns to write the answer (next-token loss)."""
-    s = {k: v for k, v in action_sample.items() if k not in ("task", "goal_px", "goal_word", "object_px")}
+    s = {k: v for k, v in action_sample.items() if k != "goal"}
     if answer is None:
-        a = action_sample
-        answer = goal_answer(a["task"], a.get("goal_word"), a["goal_px"], a.get("object_px"))
+        answer = goal_answer(**action_sample["goal"])
     return s | dict(text=prompt(goal_question(s["text"].strip())), answer=answer)
 
 class GoalSteps:
