@@ -85,6 +85,14 @@ class Contiguous(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous()
 
+class FP32Head(nn.Linear):
+    """The LM head outside bf16 autocast: bf16 keeps 8 bits of mantissa, so a logit near 16 rounds to 0.125 and
+    neighbouring number tokens blur. Under autocast with a bf16 head the tiny stage 1's pixel answers fell (box
+    0.44 -> 0.21, point 0.62 -> 0.41 within 4 px) and came back with this one (docs/notes.md)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
 # The published SmolVLM text towers (SmolLM2-135M and -360M); both share SigLIP base-patch16-512, pixel shuffle
 # 4 (64 image tokens per 512 px image), a 49,280-word vocabulary and untied embeddings: 256,484,928 and
 # 507,482,304 parameters, as the hub's checkpoints have.
@@ -353,6 +361,8 @@ class VLA(nn.Module):
         self.vlm, self.tokenizer = build_vlm(cfg, vlm_config, tokenizer, list(corpus))
         if cfg.vlm == "tiny":  # built or loaded
             self.vlm.model.vision_model.post_layernorm = Contiguous()
+        if type(self.vlm.lm_head) is nn.Linear:  # the same weights (tied ones stay tied), fp32 logits
+            self.vlm.lm_head.__class__ = FP32Head
         self.stats = stats or {}  # normalisation stats of the data the policy was trained on
         tc = self.vlm.config.text_config
         self.feed_layers = cfg.feed_layers or tuple(range(tc.num_hidden_layers))

@@ -296,12 +296,14 @@ def test_gradient_checkpointing_saves_memory_and_changes_no_gradient(vla):
 
 def test_bf16_autocast_on_cpu_tracks_fp32(vla):
     """--dtype bfloat16: autocast's bf16 matmuls give the fp32 loss to bf16 precision, and the
-    weights and gradients stay fp32."""
+    weights, gradients and logits stay fp32."""
     b = fakes.fake_batch(vla, 4)
     loss = vla.loss(b, generator=torch.Generator().manual_seed(0))["loss"]
     with torch.autocast("cpu", torch.bfloat16):
         low = vla.loss(b, generator=torch.Generator().manual_seed(0))["loss"]
+        logits = vla.vlm.lm_head(torch.randn(2, vla.vlm.config.text_config.hidden_size))
     low.backward()
+    assert logits.dtype == torch.float32  # model.FP32Head: bf16 logits blur neighbouring numbers
     assert low.dtype == torch.float32 and abs(low.item() - loss.item()) < 0.02 * loss.item()
     assert all(p.grad.dtype == torch.float32 for p in vla.parameters() if p.grad is not None)
     vla.zero_grad()
