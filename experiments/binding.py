@@ -48,7 +48,7 @@ class Config:
     warmup: int = 100
     vision_lr: float = 1.0  # the vision tower's learning rate, as a fraction of --lr (scaffold.param_groups)
     embed_std: float = 1.0  # a VLM built from scratch: std of its token embeddings (model.VLAConfig)
-    patch: int = 16  # the tiny tower's patch side in px (model.VLAConfig): 8 gives 64 image tokens at 64 px, 16 gives 16
+    patch: int = model.VLAConfig.patch  # the tiny tower's patch side in px: 8 gives 64 image tokens at 64 px, 16 gives 16
     eval_every: int = 250
     held: int = 200  # held-out samples asked at each evaluation
     data: tuple[str, ...] = ("data/scenes",)  # world: datasets whose marker questions are asked (etc.jsonl)
